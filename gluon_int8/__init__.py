@@ -1,0 +1,18 @@
+"""gluon-int8: post-training INT8 quantization for MXNet Gluon networks on oneDNN CPUs.
+
+    qnet = gluon_int8.quantize_net(net, calib_data, mode='entropy')
+    qnet(x)                      # INT8 inference, a drop-in for net(x)
+    qnet.export('model/cq_net')  # cq_net-symbol.json + cq_net-0000.params (+ -quantization.json)
+    qnet = gluon_int8.load('model/cq_net')
+"""
+from .api import quantize_net, MODES, QUANTIZED_DTYPES
+from .block import QuantizedBlock, load
+from .collectors import Collector, HistogramCollector, LayerStats, MinMaxCollector
+from .table import CalibrationTable
+from .thresholds import THRESHOLDS
+
+__version__ = '0.1.0'
+
+__all__ = ['quantize_net', 'load', 'QuantizedBlock', 'Collector', 'HistogramCollector',
+           'MinMaxCollector', 'LayerStats', 'CalibrationTable', 'THRESHOLDS', 'MODES',
+           'QUANTIZED_DTYPES']

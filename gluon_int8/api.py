@@ -1,0 +1,233 @@
+"""``quantize_net``: the one-call INT8 pipeline, and the validation of its options.
+
+The pipeline, one stage per module::
+
+    trace (trace.py) -> fuse (fuse.py) -> quantize graph (quantize_graph.py)
+      -> calibrate (calibrate.py, collectors.py, thresholds.py -> table.py)
+      -> finalize graph (quantize_graph.py, fuse.py) -> build block (block.py)
+
+Options are validated here, once, before any work is done.
+"""
+import dataclasses
+import itertools
+import logging
+from typing import Optional, Sequence, Union
+
+from mxnet.gluon import HybridBlock
+
+from . import fuse as fuse_stage
+from .block import QuantizedBlock
+from .calibrate import collect_statistics, make_table
+from .collectors import Collector, HistogramCollector, MinMaxCollector
+from .data import iter_batches
+from .quantize_graph import (GRANULARITIES, graph_nodes, quantize_offline_params,
+                             quantize_symbol, resolve_exclusions, set_calib_table, summarize)
+from .table import CalibrationTable, optional_table
+from .thresholds import THRESHOLDS
+from .trace import build_symbol_block, count_inputs, trace
+
+log = logging.getLogger(__name__)
+
+MODES = tuple(THRESHOLDS) + ('none',)
+QUANTIZED_DTYPES = ('auto', 'int8', 'uint8')
+QUANTIZE_MODES = ('full', 'smart')
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """The validated options of one ``quantize_net`` call."""
+    mode: Union[str, Collector]
+    quantized_dtype: str
+    granularity: str
+    quantize_mode: str
+    exclude_layers: tuple
+    exclude_layers_match: tuple
+    exclude_operators: tuple
+    num_calib_batches: Optional[int]
+    num_calib_examples: Optional[int]
+    percentile: float
+    num_bins: int
+
+    @property
+    def mode_name(self) -> str:
+        return 'custom' if isinstance(self.mode, Collector) else self.mode
+
+    def new_collector(self) -> Collector:
+        if isinstance(self.mode, Collector):
+            return self.mode
+        if self.mode == 'naive':
+            return MinMaxCollector()
+        return HistogramCollector(num_bins=self.num_bins)
+
+    def threshold_options(self) -> dict:
+        return {'percentile': self.percentile} if self.mode == 'percentile' else {}
+
+
+def _choice(param: str, value, allowed: Sequence[str]) -> str:
+    if not isinstance(value, str) or value not in allowed:
+        raise ValueError('%s: got %r; expected one of %s' % (param, value, list(allowed)))
+    return value
+
+
+def _names(param: str, value) -> tuple:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, tuple, set)) or not all(isinstance(v, str) for v in value):
+        raise TypeError('%s: got %r; expected a list of str' % (param, value))
+    return tuple(value)
+
+
+def _count(param: str, value) -> Optional[int]:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError('%s: got %r; expected a positive int or None' % (param, value))
+    return value
+
+
+def _mode(value) -> Union[str, Collector]:
+    if isinstance(value, type) and issubclass(value, Collector):
+        return value()
+    if isinstance(value, Collector):
+        return value
+    if not isinstance(value, str) or value not in MODES:
+        raise ValueError('mode: got %r; expected one of %s, or a Collector subclass or '
+                         'instance' % (value, list(MODES)))
+    return value
+
+
+def validate(mode='entropy', quantized_dtype='auto', granularity='tensor', quantize_mode='full',
+             exclude_layers=None, exclude_layers_match=None, exclude_operators=None,
+             num_calib_batches=None, num_calib_examples=None, percentile=99.99,
+             num_bins=2048) -> Options:
+    """Check every option once; errors name the parameter, the value and what is allowed."""
+    if isinstance(percentile, bool) or not isinstance(percentile, (int, float)) \
+            or not 0 < percentile <= 100:
+        raise ValueError('percentile: got %r; expected a number in (0, 100]' % (percentile,))
+    if isinstance(num_bins, bool) or not isinstance(num_bins, int) or num_bins < 256:
+        raise ValueError('num_bins: got %r; expected an int >= 256' % (num_bins,))
+    return Options(_mode(mode), _choice('quantized_dtype', quantized_dtype, QUANTIZED_DTYPES),
+                   _choice('granularity', granularity, tuple(GRANULARITIES)),
+                   _choice('quantize_mode', quantize_mode, QUANTIZE_MODES),
+                   _names('exclude_layers', exclude_layers),
+                   _names('exclude_layers_match', exclude_layers_match),
+                   _names('exclude_operators', exclude_operators),
+                   _count('num_calib_batches', num_calib_batches),
+                   _count('num_calib_examples', num_calib_examples), float(percentile), num_bins)
+
+
+def quantize_net(block: HybridBlock, calib_data=None, mode='entropy', *,
+                 quantized_dtype: str = 'auto', granularity: str = 'tensor',
+                 quantize_mode: str = 'full', exclude_layers=None, exclude_layers_match=None,
+                 exclude_operators=None, num_calib_batches: Optional[int] = None,
+                 num_calib_examples: Optional[int] = None, percentile: float = 99.99,
+                 num_bins: int = 2048, calib_table=None, progress: bool = False) -> QuantizedBlock:
+    """Quantize a Gluon HybridBlock to INT8 and return a drop-in ``QuantizedBlock``.
+
+    Parameters
+    ----------
+    block : HybridBlock
+        The trained FP32 network, hybridized or not. It is not modified, except that
+        parameters still waiting for deferred initialization get initialized by one
+        forward pass on the first calibration batch.
+    calib_data : DataLoader, iterable of batches, mx.io.DataIter or array
+        Calibration data; tuples contribute their first ``num_inputs`` arrays (labels
+        are dropped). Not needed for ``mode='none'`` or with a saved ``calib_table``.
+    mode : str or Collector
+        ``'naive'`` (min/max), ``'entropy'`` (KL, TensorRT-style), ``'percentile'``,
+        ``'mse'``, ``'none'`` (ranges computed at runtime), or a :class:`Collector`
+        subclass/instance whose min/max become the ranges.
+    quantized_dtype : {'auto', 'int8', 'uint8'}
+        ``'auto'``: uint8 where the calibrated min is >= 0, else int8.
+    granularity : {'tensor', 'channel'}
+        Weight scales per tensor or per output channel.
+    quantize_mode : {'full', 'smart'}
+        MXNet's pass mode: quantize every op that has an INT8 kernel, or only where it pays.
+    exclude_layers, exclude_layers_match, exclude_operators : list of str
+        Layers kept FP32: exact names, glob/regex patterns, op types; matched against the
+        fused node names and the original layer names inside them.
+    num_calib_batches, num_calib_examples : int
+        Stop calibration after this many batches / examples.
+    percentile : float
+        For ``mode='percentile'``: percentile of |x| used as threshold.
+    num_bins : int
+        Histogram bins for the histogram-based modes.
+    calib_table : str or CalibrationTable
+        With ``calib_data``: a path where the table is saved. Without: the table (or its
+        path) to quantize from, with no data.
+    progress : bool
+        Show a tqdm progress bar over the calibration batches.
+    """
+    opts = validate(mode, quantized_dtype, granularity, quantize_mode, exclude_layers,
+                    exclude_layers_match, exclude_operators, num_calib_batches,
+                    num_calib_examples, percentile, num_bins)
+    batches = _batches(block, calib_data, opts, calib_table)
+    first = next(batches) if batches is not None else None
+    if first is not None:
+        batches = itertools.chain([first], batches)
+
+    traced = trace(block, first)
+    fused = fuse_stage.fuse(traced.symbol)
+    nodes = graph_nodes(fused)
+    excluded = resolve_exclusions(nodes, opts.exclude_layers, opts.exclude_layers_match,
+                                  opts.exclude_operators)
+    qsym, calib_layers = quantize_symbol(fused, sorted(excluded), list(traced.arg_params),
+                                         opts.quantized_dtype, opts.quantize_mode,
+                                         opts.granularity)
+    table = _calibration_table(fused, traced, calib_layers, batches, opts, calib_table,
+                               progress, _length(calib_data, opts))
+    if table is not None:
+        qsym = set_calib_table(qsym, table.ranges)
+    qsym = fuse_stage.fuse(qsym)  # requantize/dequantize fusion now that ranges are known
+
+    qnet = build_symbol_block(qsym, traced.data_names,
+                              quantize_offline_params(qsym, traced.arg_params),
+                              traced.aux_params, cls=QuantizedBlock, calib_table=table,
+                              layers=summarize(nodes, qsym, excluded),
+                              out_format=traced.out_format)
+    qnet.hybridize(static_alloc=True)
+    log.info('%d layers run INT8, %d stay FP32', len(qnet.int8_layers), len(qnet.fp32_layers))
+    return qnet
+
+
+def _batches(block, calib_data, opts: Options, calib_table):
+    """The batch stream, or None when no data is needed (or a table replaces it)."""
+    if calib_data is None:
+        if opts.mode != 'none' and calib_table is None:
+            raise ValueError('calib_data: got None, but mode=%r needs calibration data; pass '
+                             'calib_data, a saved calib_table, or mode=\'none\''
+                             % (opts.mode_name,))
+        return None
+    if opts.mode == 'none':
+        log.warning("mode='none' computes ranges at runtime: calib_data is not used")
+        return None
+    return iter_batches(calib_data, count_inputs(block), opts.num_calib_batches,
+                        opts.num_calib_examples)
+
+
+def _length(calib_data, opts: Options) -> Optional[int]:
+    """Number of calibration batches for the progress bar, when it can be known."""
+    known = len(calib_data) if hasattr(calib_data, '__len__') and not hasattr(calib_data, 'shape') else None
+    if opts.num_calib_batches is not None:
+        return min(known, opts.num_calib_batches) if known is not None else opts.num_calib_batches
+    return known
+
+
+def _calibration_table(fused, traced, calib_layers, batches, opts: Options, calib_table,
+                       progress, total) -> Optional[CalibrationTable]:
+    """Calibrate from data (saving the table if a path was given), or load a table."""
+    if opts.mode == 'none' and batches is None and calib_table is None:
+        return None
+    if batches is None:
+        table = optional_table(calib_table)
+        table.check_layers(calib_layers)
+        return table
+    stats = collect_statistics(fused, traced.data_names, traced.arg_params, traced.aux_params,
+                               calib_layers, batches, opts.new_collector(), progress, total)
+    table = make_table(stats, opts.mode_name, opts.quantized_dtype, **opts.threshold_options())
+    if isinstance(calib_table, str):
+        table.save(calib_table)
+        log.info('saved calibration table to %s', calib_table)
+    return table

@@ -1,0 +1,155 @@
+"""Stage 5, build: the drop-in INT8 ``QuantizedBlock`` and its export/load.
+
+``QuantizedBlock`` is an ``mx.gluon.SymbolBlock``: same positional inputs and same
+(nested) outputs as the network it came from. ``export(prefix)`` writes
+
+* ``prefix-symbol.json`` and ``prefix-0000.params``: plain MXNet loads them with
+  ``SymbolBlock.imports`` (the params use gluon's ``arg:``/``aux:`` keys);
+* ``prefix-quantization.json``: the calibration table and the per-layer summary, which
+  :func:`load` restores.
+
+Every file is written to a temporary name in the target folder and renamed into place,
+so a crash mid-write never leaves a half-written model behind.
+"""
+import json
+import logging
+import os
+from typing import List, Optional, Sequence
+
+import mxnet as mx
+from mxnet.gluon import SymbolBlock
+from mxnet.gluon.block import _regroup
+
+from .quantize_graph import LayerInfo
+from .table import CalibrationTable, _tmp_path, atomic_write_text
+from .trace import build_symbol_block
+
+log = logging.getLogger(__name__)
+
+SIDECAR_VERSION = 1
+
+
+class QuantizedBlock(SymbolBlock):
+    """An INT8 network: a SymbolBlock plus its calibration table and layer summary."""
+
+    def __init__(self, outputs, inputs, params=None, calib_table: Optional[CalibrationTable] = None,
+                 layers: Sequence[LayerInfo] = (), out_format=None):
+        super().__init__(outputs, inputs, params)
+        self.calib_table = calib_table
+        self.layers: List[LayerInfo] = list(layers)
+        self._user_out_format = out_format
+
+    def forward(self, x, *args):
+        out = super().forward(x, *args)
+        if self._user_out_format is None:
+            return out
+        flat = out if isinstance(out, (list, tuple)) else [out]
+        return _regroup(list(flat), self._user_out_format)
+
+    @property
+    def int8_layers(self) -> List[str]:
+        """Names of the fused layers that run INT8."""
+        return [row.name for row in self.layers if row.dtype == 'int8']
+
+    @property
+    def fp32_layers(self) -> dict:
+        """Fused layers that stay FP32, mapped to the reason why."""
+        return {row.name: row.reason for row in self.layers if row.dtype == 'fp32'}
+
+    def layer_table(self) -> str:
+        """The per-layer summary as a plain-text table."""
+        width = max([len(r.name) for r in self.layers] + [5])
+        lines = ['%-*s  %-28s %-5s %s' % (width, 'layer', 'op', 'dtype', 'why FP32')]
+        lines += ['%-*s  %-28s %-5s %s' % (width, r.name, r.op, r.dtype, r.reason)
+                  for r in self.layers]
+        return '\n'.join(lines)
+
+    def export(self, path, epoch=0, remove_amp_cast=True):
+        """Write ``path-symbol.json``, ``path-%04d.params`` and ``path-quantization.json``
+        atomically; return the list of written paths."""
+        del remove_amp_cast  # the INT8 graph has no AMP casts
+        symbol = self._cached_graph[1]
+        directory = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(directory):
+            raise ValueError('prefix: folder %r of export prefix %r does not exist'
+                             % (directory, path))
+        if not os.access(directory, os.W_OK):
+            raise ValueError('prefix: folder %r of export prefix %r is not writable'
+                             % (directory, path))
+        arg_names = set(symbol.list_arguments())
+        data_names = {s.name for s in self._cached_graph[0]}
+        params = {}
+        for param in self.collect_params().values():
+            kind = 'arg' if param.name in arg_names else 'aux'
+            if param.name not in data_names:
+                params['%s:%s' % (kind, param.name)] = param._reduce()
+        files = {'%s-symbol.json' % path: lambda tmp: symbol.save(tmp),
+                 '%s-%04d.params' % (path, epoch): lambda tmp: mx.nd.save(tmp, params)}
+        temps = []
+        try:
+            for final, write in files.items():
+                tmp = _tmp_path(final)
+                temps.append(tmp)
+                write(tmp)
+            for (final, _), tmp in zip(files.items(), temps):
+                os.replace(tmp, final)
+        except (OSError, mx.base.MXNetError) as err:
+            raise ValueError('prefix: cannot write the export %r (%s)' % (path, err)) from err
+        finally:
+            for tmp in temps:
+                if os.path.exists(tmp):
+                    os.remove(tmp)
+        sidecar = '%s-quantization.json' % path
+        atomic_write_text(sidecar, json.dumps(self._sidecar(), indent=1))
+        written = list(files) + [sidecar]
+        log.info('exported INT8 model: %s', ', '.join(written))
+        return written
+
+    def _sidecar(self) -> dict:
+        return {'format_version': SIDECAR_VERSION,
+                'data_names': [s.name for s in self._cached_graph[0]],
+                'out_format': self._user_out_format,
+                'calib_table': self.calib_table.to_dict() if self.calib_table else None,
+                'layers': [row.to_dict() for row in self.layers]}
+
+
+def load(prefix: str, epoch: int = 0) -> QuantizedBlock:
+    """Load an export of :meth:`QuantizedBlock.export` with its table and layer summary."""
+    sym_file, params_file = '%s-symbol.json' % prefix, '%s-%04d.params' % (prefix, epoch)
+    sidecar_file = '%s-quantization.json' % prefix
+    for f in (sym_file, params_file, sidecar_file):
+        if not os.path.isfile(f):
+            raise ValueError('prefix: %r has no file %r' % (prefix, f))
+    try:
+        with open(sidecar_file) as f:
+            meta = json.load(f)
+    except json.JSONDecodeError as err:
+        raise ValueError('prefix: %r is truncated or corrupted (%s)' % (sidecar_file, err)) from err
+    if not isinstance(meta, dict) or meta.get('format_version') != SIDECAR_VERSION:
+        raise ValueError('prefix: %r is not a gluon-int8 sidecar' % sidecar_file)
+    try:
+        symbol = mx.sym.load(sym_file)
+    except mx.base.MXNetError as err:
+        raise ValueError('prefix: %r is truncated or corrupted (%s)'
+                         % (sym_file, str(err).strip().splitlines()[0])) from err
+    try:
+        saved = mx.nd.load(params_file)
+    except mx.base.MXNetError as err:
+        raise ValueError('prefix: %r is truncated or corrupted (%s)'
+                         % (params_file, str(err).strip().splitlines()[0])) from err
+    if not isinstance(saved, dict):
+        raise ValueError('prefix: %r holds no named parameters' % params_file)
+    values = {k.split(':', 1)[-1]: v for k, v in saved.items()}
+    table = meta.get('calib_table')
+    missing = sorted(set(symbol.list_inputs()) - set(values) - set(meta['data_names']))
+    if missing:
+        raise ValueError('prefix: %r lacks parameters %s of the graph' % (params_file, missing))
+    out_format = meta.get('out_format')  # gluon's format: ints and lists, as JSON keeps them
+    block = build_symbol_block(
+        symbol, meta['data_names'], values, {}, cls=QuantizedBlock,
+        calib_table=CalibrationTable.from_dict(table, source=sidecar_file) if table else None,
+        layers=[LayerInfo(r['name'], r['op'], r['dtype'], r['reason'], tuple(r['layers']))
+                for r in meta.get('layers', [])],
+        out_format=out_format)
+    block.hybridize(static_alloc=True)
+    return block

@@ -1,0 +1,141 @@
+"""Stage 4, calibrate: run the fused FP32 graph over data with collectors as op hooks.
+
+The hook (``register_op_hook``) sees every op output of the FP32 graph; only the outputs
+the quantized graph needs thresholds for are copied out (once, as numpy) and handed to
+the collector, which keeps running statistics. Graph inputs that need a range (the
+``data`` quantize node) are collected straight from the batch. The statistics then go
+through a threshold function (:mod:`gluon_int8.thresholds`) into a
+:class:`~gluon_int8.table.CalibrationTable`.
+
+Errors inside an op hook cannot propagate through MXNet's C callback, so the hook
+records the first one and :func:`collect_statistics` raises it after the forward pass.
+"""
+import ctypes
+import logging
+import warnings
+from typing import Dict, Iterable, List, Optional, Sequence
+
+import mxnet as mx
+import numpy as np
+from mxnet.base import NDArrayHandle, py_str
+
+from .collectors import Collector, LayerStats
+from .data import Batch
+from .table import CalibrationTable
+from .thresholds import get_threshold_fn, naive_threshold
+from .trace import build_symbol_block
+
+log = logging.getLogger(__name__)
+
+
+def hook_names(symbol: mx.sym.Symbol, layers: Iterable[str]) -> Dict[str, str]:
+    """Map every name an op hook may report for a wanted output to that output's name.
+
+    Ops with named outputs report ``<node>_output``; ops without report ``<node>_<i>``.
+    """
+    wanted = set(layers)
+    internals = symbol.get_internals()
+    mapping = {}
+    index_in_node: Dict[str, int] = {}
+    for i, out_name in enumerate(internals.list_outputs()):
+        node = internals[i].name
+        idx = index_in_node.get(node, 0)
+        index_in_node[node] = idx + 1
+        if out_name in wanted:
+            mapping[out_name] = out_name
+            mapping['%s_%d' % (node, idx)] = out_name
+    return mapping
+
+
+class _Hook:
+    """The op-hook callback: copies wanted outputs out once and feeds the collector."""
+
+    def __init__(self, collector: Collector, mapping: Dict[str, str]):
+        self.collector = collector
+        self.mapping = mapping
+        self.batch_index = 0
+        self.error: Optional[Exception] = None
+
+    def feed(self, layer: str, op_name: str, arr: np.ndarray) -> None:
+        if self.error is not None:
+            return
+        lo, hi = arr.min(), arr.max()
+        if not (np.isfinite(lo) and np.isfinite(hi)):
+            self.error = ValueError('calib_data: layer %r produced NaN or Inf on calibration '
+                                    'batch %d; check the input data and the weights feeding '
+                                    'that layer' % (layer, self.batch_index))
+            return
+        self.collector.collect(layer, op_name, arr)
+
+    def __call__(self, name, op_name, handle):
+        layer = self.mapping.get(py_str(name))
+        if layer is None or self.error is not None:
+            return
+        try:
+            arr = mx.nd.NDArray(ctypes.cast(handle, NDArrayHandle), writable=False).asnumpy()
+            self.feed(layer, py_str(op_name), arr)
+        except Exception as err:  # noqa: BLE001 - must not escape into the C callback
+            self.error = err
+
+
+def collect_statistics(symbol: mx.sym.Symbol, data_names: Sequence[str], arg_params, aux_params,
+                       layers: Sequence[str], batches: Iterable[Batch], collector: Collector,
+                       progress: bool = False, total: Optional[int] = None) -> Dict[str, LayerStats]:
+    """Run ``symbol`` (FP32) over ``batches`` and return the collector's statistics."""
+    block = build_symbol_block(symbol, data_names, arg_params, aux_params)
+    block.hybridize()
+    hook = _Hook(collector, hook_names(symbol, layers))
+    input_layers = [(i, n) for i, n in enumerate(data_names) if n in set(layers)]
+    with warnings.catch_warnings():
+        # gluon warns that op hooks are "experimental" with static_alloc even when off
+        warnings.simplefilter('ignore', UserWarning)
+        block.register_op_hook(hook, monitor_all=False)
+        for batch in _progress(batches, progress, total):
+            for i, name in input_layers:
+                hook.feed(name, 'input', batch[i].asnumpy())
+            try:
+                outputs = block(*batch)
+                for out in outputs if isinstance(outputs, (list, tuple)) else [outputs]:
+                    out.wait_to_read()
+            except mx.base.MXNetError as err:
+                raise ValueError('calib_data: batch %d with shapes %s does not fit the '
+                                 'network: %s' % (hook.batch_index,
+                                                  [tuple(b.shape) for b in batch],
+                                                  str(err).strip().splitlines()[0])) from err
+            if hook.error is not None:
+                raise hook.error
+            hook.batch_index += 1
+    stats = collector.finalize()
+    missing = sorted(set(layers) - set(stats))
+    if missing:
+        raise RuntimeError('calibration saw no output of layers %s' % missing)
+    log.info('calibrated %d layer outputs over %d batches', len(layers), hook.batch_index)
+    return stats
+
+
+def _progress(batches, enabled: bool, total: Optional[int]):
+    if not enabled:
+        return batches
+    from tqdm import tqdm
+    return tqdm(batches, total=total, desc='calibrating', unit='batch')
+
+
+def make_table(stats: Dict[str, LayerStats], mode: str, quantized_dtype: str,
+               **threshold_options) -> CalibrationTable:
+    """Thresholds for every layer -> a calibration table.
+
+    A layer is quantized unsigned (uint8, 255 levels) when ``quantized_dtype`` allows
+    and its calibrated min is >= 0, else signed (int8, 127 levels, symmetric).
+    ``mode`` may be ``'custom'`` for a user collector: its min/max are the ranges.
+    """
+    threshold = naive_threshold if mode == 'custom' else get_threshold_fn(mode)
+    ranges, observed = {}, {}
+    for name, st in stats.items():
+        unsigned = quantized_dtype in ('auto', 'uint8') and st.min >= 0
+        t = threshold(st, 255 if unsigned else 127, **threshold_options)
+        ranges[name] = (0.0, t) if unsigned else (-t, t)
+        observed[name] = (float(st.min), float(st.max))
+    return CalibrationTable(ranges, mode, quantized_dtype, observed)
+
+
+__all__: List[str] = ['collect_statistics', 'make_table', 'hook_names']

@@ -1,0 +1,99 @@
+"""Calibration data: every accepted form of ``calib_data`` -> a stream of input batches.
+
+Accepted: a gluon ``DataLoader`` of ``(data, label)`` tuples, any iterable of NDArray or
+numpy batches (or tuples of them), an ``mx.io.DataIter``, or a single array (split into
+batches of ``DEFAULT_BATCH_SIZE``). Each batch becomes a tuple of exactly
+``num_inputs`` float32 NDArrays: the network's inputs come first in a tuple, what
+follows (labels) is dropped. ``num_inputs`` comes from the traced network, never from
+trying calls.
+"""
+import logging
+from typing import Iterator, Optional, Tuple
+
+import mxnet as mx
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BATCH_SIZE = 32
+Batch = Tuple[mx.nd.NDArray, ...]
+
+
+def _as_input(value, index: int, position: int) -> mx.nd.NDArray:
+    """One network input of one batch as a float32 NDArray, or a clear error."""
+    if isinstance(value, np.ndarray):
+        dtype = value.dtype
+    elif isinstance(value, mx.nd.NDArray):
+        dtype = np.dtype(value.dtype)
+    else:
+        raise TypeError('calib_data: batch %d input %d is a %s; expected an NDArray or a '
+                        'numpy array' % (index, position, type(value).__name__))
+    if not np.issubdtype(dtype, np.floating):
+        raise ValueError('calib_data: batch %d input %d has dtype %s; the network takes '
+                         'float32 (convert and normalize the data as for FP32 inference)'
+                         % (index, position, dtype))
+    if value.ndim == 0 or value.shape[0] == 0:
+        raise ValueError('calib_data: batch %d input %d has shape %s; expected a batch '
+                         'with at least one example on axis 0' % (index, position, value.shape))
+    if isinstance(value, np.ndarray):
+        return mx.nd.array(value, dtype=np.float32)
+    return value if dtype == np.float32 else value.astype(np.float32)
+
+
+def _raw_batches(calib_data) -> Iterator:
+    """The batches of ``calib_data`` as they come (array, or tuple/list of arrays)."""
+    if isinstance(calib_data, (np.ndarray, mx.nd.NDArray)):
+        for start in range(0, calib_data.shape[0], DEFAULT_BATCH_SIZE):
+            yield calib_data[start:start + DEFAULT_BATCH_SIZE]
+    elif isinstance(calib_data, mx.io.DataIter):
+        calib_data.reset()
+        for batch in calib_data:
+            data = list(batch.data)
+            if batch.pad:
+                data = [d[:d.shape[0] - batch.pad] for d in data]
+            yield data
+    else:
+        try:
+            iterator = iter(calib_data)
+        except TypeError as err:
+            raise TypeError('calib_data: got a %s, which is not iterable; expected a '
+                            'DataLoader, an iterable of batches, an mx.io.DataIter or an '
+                            'array' % type(calib_data).__name__) from err
+        yield from iterator
+
+
+def iter_batches(calib_data, num_inputs: int, num_calib_batches: Optional[int] = None,
+                 num_calib_examples: Optional[int] = None) -> Iterator[Batch]:
+    """Yield input batches until the data or the batch/example budget runs out.
+
+    Raises for empty data; warns when fewer batches or examples came than were asked.
+    """
+    seen_batches = seen_examples = 0
+    for index, raw in enumerate(_raw_batches(calib_data)):
+        if num_calib_batches is not None and seen_batches >= num_calib_batches:
+            break
+        if num_calib_examples is not None and seen_examples >= num_calib_examples:
+            break
+        items = list(raw) if isinstance(raw, (tuple, list)) else [raw]
+        if len(items) < num_inputs:
+            raise ValueError('calib_data: batch %d holds %d array(s); the network takes %d '
+                             'input(s)' % (index, len(items), num_inputs))
+        batch = tuple(_as_input(v, index, i) for i, v in enumerate(items[:num_inputs]))
+        size = batch[0].shape[0]
+        if num_calib_examples is not None and seen_examples + size > num_calib_examples:
+            keep = num_calib_examples - seen_examples
+            batch = tuple(b[:keep] for b in batch)
+            size = keep
+        seen_batches += 1
+        seen_examples += size
+        yield batch
+    if seen_batches == 0:
+        raise ValueError('calib_data: got no batch; calibration needs at least one batch '
+                         'of data (or pass calib_table= to reuse saved thresholds)')
+    if num_calib_batches is not None and seen_batches < num_calib_batches:
+        log.warning('calib_data ran out after %d batch(es); num_calib_batches=%d asked for '
+                    'more. Calibrating with what there is.', seen_batches, num_calib_batches)
+    if num_calib_examples is not None and seen_examples < num_calib_examples:
+        log.warning('calib_data ran out after %d example(s); num_calib_examples=%d asked '
+                    'for more. Calibrating with what there is.', seen_examples,
+                    num_calib_examples)

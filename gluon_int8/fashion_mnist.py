@@ -1,0 +1,411 @@
+"""Fashion-MNIST data and small pretrained Gluon models for INT8 experiments.
+
+This module provides:
+
+* data access: :func:`load_split` reads the Debian ``dataset-fashion-mnist``
+  idx files directly with numpy, :func:`bundled_slice` reads a small slice of
+  the test set shipped with the package, and :func:`default_data` picks
+  whichever is available;
+* one normalization, :func:`normalize`, used for training and evaluation
+  (``(x / 255 - MEAN) / STD``, NCHW float32, shape ``(N, 1, 28, 28)``);
+* three small model families mirroring the classic CNN designs used in
+  quantization studies -- ``'resnet'`` (ResNet-v1 basic blocks with a
+  residual elementwise sum), ``'mobilenet'`` (depthwise-separable
+  convolutions) and ``'inception'`` (multi-branch blocks joined by a channel
+  concat) -- with parameters trained by ``examples/fashion_mnist/train.py``
+  shipped as ``gluon_int8/data/fashion_mnist_<name>.params``;
+* :func:`get_model` to build a family and load its shipped parameters, and
+  :func:`evaluate` to measure top-1 accuracy of any callable block.
+"""
+
+import gzip
+import logging
+import os
+
+import mxnet as mx
+import numpy as np
+from mxnet.gluon import nn
+
+LOGGER = logging.getLogger(__name__)
+
+#: Directory of the Debian ``dataset-fashion-mnist`` package.
+DEBIAN_ROOT = "/usr/share/datasets/fashion-mnist"
+#: Directory holding the shipped parameters and the bundled test slice.
+DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+#: Bundled slice: the first :data:`SLICE_SIZE` test images (uint8) + labels.
+SLICE_PATH = os.path.join(DATA_DIR, "fashion_mnist_test_slice.npz")
+SLICE_SIZE = 1000
+
+#: Per-channel statistics of the Fashion-MNIST training set (pixels in [0, 1]).
+MEAN = 0.2860
+STD = 0.3530
+NUM_CLASSES = 10
+INPUT_SHAPE = (1, 28, 28)
+
+CLASS_NAMES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+               "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+
+_FILES = {
+    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+}
+
+
+# ---------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------
+
+def _read_idx(path, expected_magic):
+    """Read a gzip'd idx file and return its payload as a uint8 array."""
+    with gzip.open(path, "rb") as fobj:
+        raw = fobj.read()
+    magic = int.from_bytes(raw[0:4], "big")
+    if magic != expected_magic:
+        raise ValueError("%s: bad idx magic 0x%08x (expected 0x%08x)"
+                         % (path, magic, expected_magic))
+    ndim = magic & 0xFF
+    dims = [int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim)]
+    offset = 4 + 4 * ndim
+    data = np.frombuffer(raw, dtype=np.uint8, offset=offset)
+    expected = int(np.prod(dims))
+    if data.size != expected:
+        raise ValueError("%s: payload has %d bytes, header says %d"
+                         % (path, data.size, expected))
+    return data.reshape(dims)
+
+
+def load_raw_split(split="test", root=None):
+    """Return ``(images uint8 (N, 28, 28), labels int32 (N,))`` of a split.
+
+    ``split`` is ``'train'`` or ``'test'``; ``root`` defaults to
+    :data:`DEBIAN_ROOT`.  Raises ``FileNotFoundError`` if the files are absent.
+    """
+    if split not in _FILES:
+        raise ValueError("split must be one of %s, got %r"
+                         % (sorted(_FILES), split))
+    root = DEBIAN_ROOT if root is None else root
+    img_name, lbl_name = _FILES[split]
+    images = _read_idx(os.path.join(root, img_name), 0x00000803)
+    labels = _read_idx(os.path.join(root, lbl_name), 0x00000801)
+    if images.shape[0] != labels.shape[0]:
+        raise ValueError("%s split in %s: %d images but %d labels"
+                         % (split, root, images.shape[0], labels.shape[0]))
+    return images, labels.astype(np.int32)
+
+
+def normalize(images):
+    """Map uint8 images ``(N, 28, 28)`` or ``(N, 1, 28, 28)`` to model input.
+
+    Returns float32 NCHW ``(N, 1, 28, 28)`` computed as
+    ``(x / 255 - MEAN) / STD``.  This is the only normalization used for
+    training and evaluation.
+    """
+    images = np.asarray(images)
+    if images.ndim == 3:
+        images = images[:, None, :, :]
+    if images.ndim != 4 or images.shape[1:] != INPUT_SHAPE:
+        raise ValueError("expected images of shape (N, 28, 28) or "
+                         "(N, 1, 28, 28), got %s" % (images.shape,))
+    out = images.astype(np.float32) / np.float32(255.0)
+    out -= np.float32(MEAN)
+    out /= np.float32(STD)
+    return out
+
+
+def load_split(split="test", root=None):
+    """Return ``(images float32 (N, 1, 28, 28) normalized, labels int32)``.
+
+    Reads the Debian idx files from ``root`` (default :data:`DEBIAN_ROOT`).
+    """
+    images, labels = load_raw_split(split, root)
+    return normalize(images), labels
+
+
+def bundled_slice():
+    """Return ``(images, labels)`` of the slice shipped with the package.
+
+    The slice holds the first 1000 Fashion-MNIST test images; images are
+    normalized float32 ``(1000, 1, 28, 28)`` and labels int32 in ``0..9``.
+    """
+    with np.load(SLICE_PATH) as data:
+        images = data["images"]
+        labels = data["labels"].astype(np.int32)
+    return normalize(images), labels
+
+
+def write_bundled_slice(path=SLICE_PATH, root=None, count=SLICE_SIZE):
+    """Write the first ``count`` test images (uint8) and labels to ``path``."""
+    images, labels = load_raw_split("test", root)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    np.savez_compressed(path, images=images[:count].astype(np.uint8),
+                        labels=labels[:count].astype(np.uint8))
+    LOGGER.info("wrote %d test images to %s", count, path)
+    return path
+
+
+def debian_available(root=None):
+    """Return True if all four Debian Fashion-MNIST files exist in ``root``."""
+    root = DEBIAN_ROOT if root is None else root
+    return all(os.path.isfile(os.path.join(root, name))
+               for pair in _FILES.values() for name in pair)
+
+
+def default_data(split="test", root=None):
+    """Return ``(images, labels, source)`` for ``split``.
+
+    ``source`` is ``'debian'`` when the full split was read from the Debian
+    files, or ``'bundled'`` when they are missing and the shipped 1000-image
+    test slice is returned instead (only possible for ``split='test'``).
+    """
+    if debian_available(root):
+        images, labels = load_split(split, root)
+        LOGGER.info("Fashion-MNIST %s split: %d images from %s", split,
+                    len(labels), DEBIAN_ROOT if root is None else root)
+        return images, labels, "debian"
+    if split != "test":
+        raise FileNotFoundError(
+            "Fashion-MNIST %s split not found under %s and only a test slice "
+            "is bundled" % (split, DEBIAN_ROOT if root is None else root))
+    images, labels = bundled_slice()
+    LOGGER.warning("Debian Fashion-MNIST files not found; using the bundled "
+                   "%d-image test slice %s", len(labels), SLICE_PATH)
+    return images, labels, "bundled"
+
+
+# ---------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------
+
+def _conv_bn_relu(channels, in_channels, kernel=3, strides=1, groups=1,
+                  relu=True):
+    """Return a Sequential ``Conv2D -> BatchNorm [-> ReLU]`` unit."""
+    seq = nn.HybridSequential(prefix="")
+    seq.add(nn.Conv2D(channels, kernel, strides=strides, padding=kernel // 2,
+                      groups=groups, use_bias=False, in_channels=in_channels))
+    seq.add(nn.BatchNorm(in_channels=channels))
+    if relu:
+        seq.add(nn.Activation("relu"))
+    return seq
+
+
+class BasicBlockV1(nn.HybridBlock):
+    """ResNet-v1 basic block: two 3x3 Conv-BN, residual sum, then ReLU."""
+
+    def __init__(self, channels, in_channels, strides=1, **kwargs):
+        super().__init__(**kwargs)
+        with self.name_scope():
+            self.body = nn.HybridSequential(prefix="")
+            self.body.add(_conv_bn_relu(channels, in_channels, 3, strides))
+            self.body.add(_conv_bn_relu(channels, channels, 3, 1, relu=False))
+            if strides != 1 or channels != in_channels:
+                self.downsample = _conv_bn_relu(channels, in_channels, 1,
+                                                strides, relu=False)
+            else:
+                self.downsample = None
+
+    def hybrid_forward(self, F, x):  # pylint: disable=arguments-differ
+        residual = x if self.downsample is None else self.downsample(x)
+        return F.Activation(self.body(x) + residual, act_type="relu")
+
+
+class FashionResNet(nn.HybridBlock):
+    """Small ResNet-v1 for 28x28 inputs: stem + 3 stages of 2 basic blocks."""
+
+    def __init__(self, channels=(24, 48, 96), blocks=2, stem=16,
+                 classes=NUM_CLASSES, **kwargs):
+        super().__init__(**kwargs)
+        with self.name_scope():
+            self.features = nn.HybridSequential(prefix="")
+            self.features.add(_conv_bn_relu(stem, 1, 3, 1))
+            in_ch = stem
+            for out_ch in channels:
+                for i in range(blocks):
+                    # every stage halves the resolution: 28 -> 14 -> 7 -> 4
+                    strides = 2 if i == 0 else 1
+                    self.features.add(BasicBlockV1(out_ch, in_ch, strides))
+                    in_ch = out_ch
+            self.features.add(nn.GlobalAvgPool2D())
+            self.features.add(nn.Flatten())
+            self.output = nn.Dense(classes, in_units=in_ch)
+
+    def hybrid_forward(self, F, x):  # pylint: disable=arguments-differ
+        return self.output(self.features(x))
+
+
+class FashionMobileNet(nn.HybridBlock):
+    """Small MobileNet-v1: Conv-BN-ReLU stem then depthwise-separable units.
+
+    Each unit is a depthwise 3x3 convolution (``groups=channels``) + BN + ReLU
+    followed by a pointwise 1x1 convolution + BN + ReLU.
+    """
+
+    # (output channels, stride) of each depthwise-separable unit
+    UNITS = ((64, 2), (64, 1), (128, 2), (128, 1), (256, 2), (256, 1))
+
+    def __init__(self, stem=32, units=UNITS, classes=NUM_CLASSES, **kwargs):
+        super().__init__(**kwargs)
+        with self.name_scope():
+            self.features = nn.HybridSequential(prefix="")
+            self.features.add(_conv_bn_relu(stem, 1, 3, 1))
+            in_ch = stem
+            for out_ch, strides in units:
+                self.features.add(_conv_bn_relu(in_ch, in_ch, 3, strides,
+                                                groups=in_ch))
+                self.features.add(_conv_bn_relu(out_ch, in_ch, 1, 1))
+                in_ch = out_ch
+            self.features.add(nn.GlobalAvgPool2D())
+            self.features.add(nn.Flatten())
+            self.output = nn.Dense(classes, in_units=in_ch)
+
+    def hybrid_forward(self, F, x):  # pylint: disable=arguments-differ
+        return self.output(self.features(x))
+
+
+class InceptionBlock(nn.HybridBlock):
+    """Inception block: 1x1, 1x1->3x3, 1x1->3x3->3x3 and pool->1x1 branches.
+
+    Every convolution is followed by BN + ReLU; the four branches are joined
+    with a channel concat.
+    """
+
+    def __init__(self, in_channels, c1, c3r, c3, cdr, cd, cpool, **kwargs):
+        super().__init__(**kwargs)
+        self.out_channels = c1 + c3 + cd + cpool
+        with self.name_scope():
+            self.branch1 = _conv_bn_relu(c1, in_channels, 1)
+            self.branch3 = nn.HybridSequential(prefix="")
+            self.branch3.add(_conv_bn_relu(c3r, in_channels, 1))
+            self.branch3.add(_conv_bn_relu(c3, c3r, 3))
+            self.branch_dbl = nn.HybridSequential(prefix="")
+            self.branch_dbl.add(_conv_bn_relu(cdr, in_channels, 1))
+            self.branch_dbl.add(_conv_bn_relu(cd, cdr, 3))
+            self.branch_dbl.add(_conv_bn_relu(cd, cd, 3))
+            self.branch_pool = nn.HybridSequential(prefix="")
+            self.branch_pool.add(nn.AvgPool2D(3, strides=1, padding=1,
+                                              count_include_pad=False))
+            self.branch_pool.add(_conv_bn_relu(cpool, in_channels, 1))
+
+    def hybrid_forward(self, F, x):  # pylint: disable=arguments-differ
+        return F.concat(self.branch1(x), self.branch3(x), self.branch_dbl(x),
+                        self.branch_pool(x), dim=1)
+
+
+class FashionInception(nn.HybridBlock):
+    """Small Inception network: stem, 4 inception blocks, max-pool reductions."""
+
+    def __init__(self, classes=NUM_CLASSES, **kwargs):
+        super().__init__(**kwargs)
+        with self.name_scope():
+            self.features = nn.HybridSequential(prefix="")
+            self.features.add(_conv_bn_relu(32, 1, 3, 1))
+            self.features.add(nn.MaxPool2D(2, 2))                    # 14x14
+            block = InceptionBlock(32, 16, 24, 32, 8, 16, 16)       # -> 80
+            self.features.add(block)
+            block = InceptionBlock(block.out_channels, 32, 32, 48, 12, 24, 24)
+            self.features.add(block)                                # -> 128
+            self.features.add(nn.MaxPool2D(2, 2))                    # 7x7
+            block = InceptionBlock(block.out_channels, 48, 32, 64, 16, 32, 32)
+            self.features.add(block)                                # -> 176
+            block = InceptionBlock(block.out_channels, 64, 48, 80, 24, 48, 48)
+            self.features.add(block)                                # -> 240
+            self.features.add(nn.GlobalAvgPool2D())
+            self.features.add(nn.Flatten())
+            self.output = nn.Dense(classes, in_units=block.out_channels)
+
+    def hybrid_forward(self, F, x):  # pylint: disable=arguments-differ
+        return self.output(self.features(x))
+
+
+#: Model family name -> constructor.
+MODELS = {
+    "resnet": FashionResNet,
+    "mobilenet": FashionMobileNet,
+    "inception": FashionInception,
+}
+
+
+def params_path(name):
+    """Return the path of the shipped parameter file of model ``name``."""
+    return os.path.join(DATA_DIR, "fashion_mnist_%s.params" % name)
+
+
+def _check_name(name):
+    if name not in MODELS:
+        raise ValueError("unknown Fashion-MNIST model %r; valid names: %s"
+                         % (name, ", ".join(sorted(MODELS))))
+
+
+def load_params(net, path, ctx=None):
+    """Load ``path`` into ``net`` strictly (no missing, extra or reshaped).
+
+    Raises ``ValueError`` naming the file and the mismatch reported by MXNet.
+    """
+    ctx = mx.cpu() if ctx is None else ctx
+    if not os.path.isfile(path):
+        raise FileNotFoundError("parameter file not found: %s" % path)
+    try:
+        net.load_parameters(path, ctx=ctx, allow_missing=False,
+                            ignore_extra=False)
+    except (AssertionError, ValueError, KeyError, mx.base.MXNetError) as err:
+        raise ValueError("parameters in %s do not match the %s architecture: "
+                         "%s" % (path, type(net).__name__, err)) from err
+    return net
+
+
+def get_model(name, pretrained=True, ctx=None, params_file=None):
+    """Build model family ``name`` ('resnet', 'mobilenet' or 'inception').
+
+    With ``pretrained=True`` the shipped parameters (or ``params_file``) are
+    loaded strictly; a file that does not match the architecture raises
+    ``ValueError``.  With ``pretrained=False`` the parameters are freshly
+    initialized (MSRA/He initialization for weights).  The block is returned
+    un-hybridized; call ``net.hybridize()`` as needed.
+    """
+    _check_name(name)
+    ctx = mx.cpu() if ctx is None else ctx
+    net = MODELS[name]()
+    if pretrained:
+        load_params(net, params_file or params_path(name), ctx)
+    else:
+        net.initialize(mx.init.MSRAPrelu(factor_type="in", slope=0.0),
+                       ctx=ctx)
+    return net
+
+
+# ---------------------------------------------------------------------------
+# Evaluation
+# ---------------------------------------------------------------------------
+
+def predict(net, images, batch_size=256, ctx=None):
+    """Return the argmax class predictions (int array) of ``net`` on images.
+
+    ``net`` may be any callable mapping an NDArray batch to logits, e.g. an
+    FP32 HybridBlock or a quantized SymbolBlock; for multi-output blocks the
+    first output is used.
+    """
+    ctx = mx.cpu() if ctx is None else ctx
+    if isinstance(images, mx.nd.NDArray):
+        images = images.asnumpy()
+    images = np.asarray(images, dtype=np.float32)
+    preds = []
+    for start in range(0, len(images), batch_size):
+        batch = mx.nd.array(images[start:start + batch_size], ctx=ctx)
+        out = net(batch)
+        if isinstance(out, (list, tuple)):
+            out = out[0]
+        preds.append(out.argmax(axis=1).asnumpy().astype(np.int64))
+    if not preds:
+        return np.zeros((0,), dtype=np.int64)
+    return np.concatenate(preds)
+
+
+def evaluate(net, images, labels, batch_size=256, ctx=None):
+    """Return the top-1 accuracy (float in [0, 1]) of ``net`` on the data."""
+    labels = np.asarray(labels).astype(np.int64).reshape(-1)
+    if len(labels) == 0:
+        raise ValueError("evaluate() needs at least one sample")
+    preds = predict(net, images, batch_size, ctx)
+    if preds.shape != labels.shape:
+        raise ValueError("got %d predictions for %d labels"
+                         % (preds.shape[0], labels.shape[0]))
+    return float(np.mean(preds == labels))

@@ -1,0 +1,167 @@
+"""Stage 3, quantize graph: the fused FP32 graph -> an INT8 graph with calibration slots.
+
+MXNet's C++ passes do the rewriting (``MXQuantizeSymbol`` inserts quantize, requantize
+and dequantize nodes and names the layer outputs that need thresholds;
+``MXSetCalibTableToQuantizedSymbol`` writes thresholds in). This module wraps them and
+owns what the built-in Python layer gets wrong or leaves out:
+
+* exclusion by exact name, glob/regex pattern and op type, matched against the fused
+  node names *and* the original layer names inside each fused node (a user names
+  ``conv0``, the fused graph calls it ``sg_mkldnn_conv_bn_act_0``);
+* a warning for every exclusion that matches nothing;
+* a per-layer summary: which layers run INT8, which stay FP32, and why.
+"""
+import ctypes
+import dataclasses
+import fnmatch
+import json
+import logging
+import re
+from typing import Dict, Iterable, List, Mapping, Sequence, Tuple
+
+import mxnet as mx
+from mxnet.base import _LIB, check_call, c_array, c_str, c_str_array, mx_uint, py_str
+from mxnet.base import SymbolHandle
+
+log = logging.getLogger(__name__)
+
+GRANULARITIES = {'tensor': 'tensor-wise', 'channel': 'channel-wise'}
+
+
+@dataclasses.dataclass(frozen=True)
+class Node:
+    """One compute node of the fused graph and the original layers inside it."""
+    name: str
+    op: str
+    inner_names: Tuple[str, ...]
+    inner_ops: Tuple[str, ...]
+
+
+@dataclasses.dataclass
+class LayerInfo:
+    """One row of the quantization summary."""
+    name: str
+    op: str
+    dtype: str          # 'int8' or 'fp32'
+    reason: str = ''    # why it stays FP32
+    layers: Tuple[str, ...] = ()
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def graph_nodes(symbol: mx.sym.Symbol) -> List[Node]:
+    """The compute (non-variable) nodes of ``symbol`` with their fused contents."""
+    nodes = []
+    for node in json.loads(symbol.tojson())['nodes']:
+        if node['op'] == 'null':
+            continue
+        inner = [n for sub in node.get('subgraphs', []) for n in sub['nodes'] if n['op'] != 'null']
+        nodes.append(Node(node['name'], node['op'], tuple(n['name'] for n in inner),
+                          tuple(n['op'] for n in inner)))
+    return nodes
+
+
+def _pattern_matches(pattern: str, name: str) -> bool:
+    """Glob match, or regex search when the pattern is a valid regex."""
+    if fnmatch.fnmatchcase(name, pattern):
+        return True
+    try:
+        return re.search(pattern, name) is not None
+    except re.error:
+        return False
+
+
+def resolve_exclusions(nodes: Sequence[Node], exclude_layers: Iterable[str] = (),
+                       exclude_layers_match: Iterable[str] = (),
+                       exclude_operators: Iterable[str] = ()) -> Dict[str, str]:
+    """Map each excluded fused node name to the reason it is excluded.
+
+    Every rule is matched against the node's own name (op type) and against the names
+    (op types) of the original layers fused into it. A rule that matches nothing logs a
+    warning naming it.
+    """
+    excluded: Dict[str, str] = {}
+    rules = ([('exclude_layers', r, lambda n, r=r: r in (n.name,) + n.inner_names)
+              for r in exclude_layers]
+             + [('exclude_layers_match', r, lambda n, r=r: any(_pattern_matches(r, x) for x
+                                                                in (n.name,) + n.inner_names))
+                for r in exclude_layers_match]
+             + [('exclude_operators', r, lambda n, r=r: r in (n.op,) + n.inner_ops)
+                for r in exclude_operators])
+    for option, rule, matches in rules:
+        hits = [n.name for n in nodes if matches(n)]
+        if not hits:
+            log.warning('%s: %r matches no layer of the graph; nothing excluded for it',
+                        option, rule)
+        for name in hits:
+            excluded.setdefault(name, 'user: %s=%r' % (option, rule))
+    return excluded
+
+
+def quantize_symbol(symbol: mx.sym.Symbol, excluded_names: Sequence[str],
+                    offline_params: Sequence[str], quantized_dtype: str,
+                    quantize_mode: str, granularity: str) -> Tuple[mx.sym.Symbol, List[str]]:
+    """Run MXNet's quantization pass; return the INT8 symbol and the layer outputs
+    (and graph inputs) that need calibrated thresholds."""
+    out = SymbolHandle()
+    num_calib = mx_uint()
+    calib_names = ctypes.POINTER(ctypes.c_char_p)()
+    offline = [c_str(name) for name in offline_params]
+    check_call(_LIB.MXQuantizeSymbol(
+        symbol.handle, ctypes.byref(out), ctypes.byref(ctypes.c_int(mx.cpu().device_typeid)),
+        mx_uint(len(excluded_names)), c_str_array(list(excluded_names)),
+        mx_uint(0), c_str_array([]),
+        mx_uint(len(offline)), c_array(ctypes.c_char_p, offline),
+        c_str(quantized_dtype), ctypes.c_bool(True), c_str(quantize_mode),
+        c_str(GRANULARITIES[granularity]),
+        ctypes.byref(num_calib), ctypes.byref(calib_names)))
+    layers = [py_str(calib_names[i]) for i in range(num_calib.value)]
+    return mx.sym.Symbol(out), layers
+
+
+def set_calib_table(qsym: mx.sym.Symbol, ranges: Mapping[str, Tuple[float, float]]) -> mx.sym.Symbol:
+    """Write the (min, max) range of every calibrated layer output into ``qsym``."""
+    names = list(ranges)
+    calibrated = SymbolHandle()
+    check_call(_LIB.MXSetCalibTableToQuantizedSymbol(
+        qsym.handle, mx_uint(len(names)), c_str_array(names),
+        c_array(ctypes.c_float, [ranges[n][0] for n in names]),
+        c_array(ctypes.c_float, [ranges[n][1] for n in names]),
+        ctypes.byref(calibrated)))
+    return mx.sym.Symbol(calibrated)
+
+
+def quantize_offline_params(qsym: mx.sym.Symbol,
+                            arg_params: Mapping[str, mx.nd.NDArray]) -> Dict[str, mx.nd.NDArray]:
+    """The argument values ``qsym`` needs: FP32 params as they are, plus int8 copies
+    (with their min/max) of the params the pass marked ``<name>_quantize``."""
+    suffix = '_quantize'
+    values = {}
+    for name in qsym.list_arguments():
+        if name in arg_params:
+            values[name] = arg_params[name]
+        elif name.endswith(suffix) and name[:-len(suffix)] in arg_params:
+            param = arg_params[name[:-len(suffix)]]
+            values[name], values[name + '_min'], values[name + '_max'] = _quantize_int8(param)
+    return values
+
+
+def _quantize_int8(param: mx.nd.NDArray):
+    """Symmetric int8 quantization of one parameter over its own range."""
+    lo, hi = mx.nd.min(param), mx.nd.max(param)
+    return mx.nd.contrib.quantize(param, lo, hi, out_type='int8')
+
+
+def summarize(nodes: Sequence[Node], qsym: mx.sym.Symbol,
+              excluded: Mapping[str, str]) -> List[LayerInfo]:
+    """One :class:`LayerInfo` per compute node of the fused graph."""
+    quantized = {n.name for n in graph_nodes(qsym)}
+    rows = []
+    for node in nodes:
+        if 'quantized_' + node.name in quantized:
+            rows.append(LayerInfo(node.name, node.op, 'int8', '', node.inner_names))
+        else:
+            reason = excluded.get(node.name, 'no INT8 kernel for op %s' % node.op)
+            rows.append(LayerInfo(node.name, node.op, 'fp32', reason, node.inner_names))
+    return rows

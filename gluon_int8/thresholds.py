@@ -1,0 +1,185 @@
+"""Threshold algorithms: pure numpy functions from layer statistics to a clipping threshold.
+
+Every function takes a :class:`~gluon_int8.collectors.LayerStats` (exact min/max plus an
+optional histogram of ``|x|``) and the number of positive integer levels of the target
+type (127 for int8, 255 for uint8), and returns the threshold ``T > 0``: values are
+clipped to ``[-T, T]`` (int8) or ``[0, T]`` (uint8) before rounding.
+
+``THRESHOLDS`` maps each calibration mode name to its function. The histogram layout is
+the one :class:`~gluon_int8.collectors.HistogramCollector` produces: ``hist[k]`` counts
+``|x|`` in ``[k, k+1) * hist_max / len(hist)``.
+
+The candidate thresholds of the histogram methods are the bin edges; every method is
+vectorized over all candidates with cumulative sums, so the cost per layer is
+``O(num_bins * levels)`` numpy work instead of one python loop per candidate.
+"""
+from typing import Callable, Dict, Tuple
+
+import numpy as np
+
+# A layer whose calibration output is all zeros still needs a positive range: any
+# positive threshold maps 0 exactly to 0, so take one that keeps the scales finite.
+MIN_THRESHOLD = 1e-5
+
+
+def _edges(stats) -> np.ndarray:
+    """Upper edges of every histogram bin (the candidate thresholds)."""
+    num_bins = len(stats.hist)
+    return np.arange(1, num_bins + 1, dtype=np.float64) * (stats.hist_max / num_bins)
+
+
+def _require_hist(stats, mode: str) -> None:
+    if stats.hist is None:
+        raise ValueError('calibration mode %r needs a histogram, but the collected '
+                         'statistics only hold min/max; use HistogramCollector' % mode)
+
+
+def _floor(threshold: float) -> float:
+    return float(max(threshold, MIN_THRESHOLD))
+
+
+def naive_threshold(stats, levels: int) -> float:
+    """max |x| over all calibration data (MXNet's 'naive' mode)."""
+    del levels  # the range does not depend on the target type
+    return _floor(max(abs(stats.min), abs(stats.max)))
+
+
+def percentile_threshold(stats, levels: int, percentile: float = 99.99) -> float:
+    """The ``percentile``-th percentile of ``|x|``, interpolated linearly inside its bin.
+
+    ``percentile=100`` gives back the exact max |x|.
+    """
+    del levels
+    _require_hist(stats, 'percentile')
+    if percentile >= 100.0:
+        return naive_threshold(stats, 0)
+    hist = np.asarray(stats.hist, dtype=np.float64)
+    total = hist.sum()
+    if total == 0 or stats.hist_max == 0:
+        return naive_threshold(stats, 0)
+    cdf = np.cumsum(hist)
+    target = total * percentile / 100.0
+    k = int(np.searchsorted(cdf, target, side='left'))
+    below = cdf[k - 1] if k > 0 else 0.0
+    width = stats.hist_max / len(hist)
+    frac = (target - below) / hist[k] if hist[k] > 0 else 1.0
+    threshold = (k + frac) * width
+    return _floor(min(threshold, max(abs(stats.min), abs(stats.max))))
+
+
+def mse_curve(stats, levels: int) -> Tuple[np.ndarray, np.ndarray]:
+    """Expected squared quantization error per element for every candidate threshold.
+
+    For threshold ``T`` and step ``d = T / levels``, a value below ``T`` costs the uniform
+    rounding error ``d**2 / 12`` and a value ``c`` above it costs the clipping error
+    ``(c - T)**2`` (``c`` = its bin centre). Suffix sums of ``h``, ``h c`` and ``h c**2``
+    give every candidate at once.
+    """
+    _require_hist(stats, 'mse')
+    hist = np.asarray(stats.hist, dtype=np.float64)
+    num_bins = len(hist)
+    width = stats.hist_max / num_bins
+    centres = (np.arange(num_bins) + 0.5) * width
+    thresholds = _edges(stats)
+
+    def suffix(values):  # suffix[i] = sum over bins >= i+1 (bins above candidate i)
+        return np.concatenate([np.cumsum(values[::-1])[::-1][1:], [0.0]])
+
+    above_n, above_c, above_c2 = suffix(hist), suffix(hist * centres), suffix(hist * centres ** 2)
+    below_n = hist.sum() - above_n
+    clip = above_c2 - 2 * thresholds * above_c + thresholds ** 2 * above_n
+    rounding = below_n * (thresholds / levels) ** 2 / 12.0
+    total = max(hist.sum(), 1.0)
+    return thresholds, (clip + rounding) / total
+
+
+def mse_threshold(stats, levels: int) -> float:
+    """The candidate threshold with the smallest expected quantization MSE."""
+    _require_hist(stats, 'mse')
+    if stats.hist_max == 0:
+        return naive_threshold(stats, levels)
+    thresholds, curve = mse_curve(stats, levels)
+    return _floor(thresholds[int(np.argmin(curve))])
+
+
+def kl_curve(stats, levels: int) -> Tuple[np.ndarray, np.ndarray]:
+    """KL divergence between the clipped and the quantized distribution per candidate.
+
+    The TensorRT method (Szymon Migacz, "8-bit Inference with TensorRT", GTC 2017)::
+
+        for each candidate i (threshold = upper edge of bin i-1):
+            P = hist[0:i], with all counts of bins >= i added to P[i-1] (clipping)
+            Q = hist[0:i] merged into `levels` groups, each group's count spread
+                evenly over the bins of the group where P is non-zero
+            divergence[i] = KL(P / sum P || Q / sum Q)
+
+    Instead of building P and Q per candidate, the sums over the group boundaries come
+    from cumulative sums of ``h``, ``h log h`` and ``[h > 0]``: a ``(candidates, levels)``
+    matrix of work. Candidates where Q has no mass under a non-zero P (clipped outliers
+    above an empty last group) get a divergence of ``inf``.
+    """
+    _require_hist(stats, 'entropy')
+    hist = np.asarray(stats.hist, dtype=np.float64)
+    num_bins = len(hist)
+    total = hist.sum()
+    first = min(levels, num_bins)
+    cand = np.arange(first, num_bins + 1)                      # i = number of bins kept
+    thresholds = cand * (stats.hist_max / num_bins)
+
+    zero_pad = np.concatenate([[0.0], np.cumsum(hist)])       # cum[k] = sum h[<k]
+    nonzero = np.concatenate([[0.0], np.cumsum(hist > 0)])
+    hlogh = np.where(hist > 0, hist * np.log(np.where(hist > 0, hist, 1.0)), 0.0)
+    cum_hlogh = np.concatenate([[0.0], np.cumsum(hlogh)])
+
+    outliers = total - zero_pad[cand]                          # counts clipped to bin i-1
+    edge = hist[cand - 1] + outliers                           # P[i-1]
+    # sum_{P>0} P log P: the untouched bins plus the edge bin with the outliers
+    p_log_p = cum_hlogh[cand - 1] + np.where(edge > 0, edge * np.log(np.maximum(edge, 1e-300)), 0.0)
+
+    bounds = (np.arange(levels + 1)[None, :] * cand[:, None]) // levels   # (C, L+1)
+    group_sum = np.diff(zero_pad[bounds], axis=1)                         # Q mass per group
+    group_nz = np.diff(nonzero[bounds], axis=1)                           # bins with P>0
+    last_fix = (edge > 0).astype(np.float64) - (hist[cand - 1] > 0)      # edge bin's P>0
+    group_nz[:, -1] += last_fix
+    p_mass = group_sum.copy()
+    p_mass[:, -1] += outliers                                             # P mass per group
+
+    with np.errstate(divide='ignore', invalid='ignore'):
+        q_level = group_sum / group_nz                                    # Q per non-zero bin
+        # P mass sitting on bins where Q is zero makes the divergence infinite
+        starved = (p_mass > 0) & ~(q_level > 0)
+        log_q = np.where(p_mass > 0, p_mass * np.log(np.where(q_level > 0, q_level, 1.0)), 0.0)
+    q_total = zero_pad[cand]
+    with np.errstate(divide='ignore', invalid='ignore'):
+        divergence = (p_log_p - log_q.sum(axis=1)) / total - np.log(total) + np.log(q_total)
+    divergence[starved.any(axis=1) | (q_total <= 0)] = np.inf
+    return thresholds, divergence
+
+
+def entropy_threshold(stats, levels: int) -> float:
+    """The candidate threshold with the smallest KL divergence (TensorRT-style)."""
+    _require_hist(stats, 'entropy')
+    if stats.hist_max == 0 or np.sum(stats.hist) == 0:
+        return naive_threshold(stats, levels)
+    thresholds, divergence = kl_curve(stats, levels)
+    if not np.isfinite(divergence).any():
+        return naive_threshold(stats, levels)
+    return _floor(thresholds[int(np.argmin(divergence))])
+
+
+ThresholdFn = Callable[..., float]
+
+THRESHOLDS: Dict[str, ThresholdFn] = {
+    'naive': naive_threshold,
+    'entropy': entropy_threshold,
+    'percentile': percentile_threshold,
+    'mse': mse_threshold,
+}
+
+
+def get_threshold_fn(mode: str) -> ThresholdFn:
+    """The threshold function for ``mode``; an unknown name lists the valid ones."""
+    if mode not in THRESHOLDS:
+        raise ValueError('mode: unknown calibration mode %r; expected one of %s'
+                         % (mode, sorted(THRESHOLDS)))
+    return THRESHOLDS[mode]

@@ -10,7 +10,7 @@ export OMP_NUM_THREADS := $(THREADS)
 	python3 -m venv .venv
 	.venv/bin/pip install -q --upgrade pip
 	.venv/bin/pip install -q -r requirements-test.txt
-	.venv/bin/pip install -q --no-deps --no-build-isolation -e .
+	.venv/bin/pip install -q --no-deps -e .
 	touch $@
 
 demo: .venv/.installed

@@ -22,12 +22,15 @@ import numpy as np
 class LayerStats:
     """Statistics of one layer output over all calibration batches.
 
-    ``hist`` (optional) counts ``|x|`` in ``num_bins`` equal bins over ``[0, hist_max]``.
+    ``hist`` (optional) counts ``|x|`` in ``num_bins`` equal bins over ``[0, hist_max]``;
+    ``zeros`` of the counts in ``hist[0]`` are exact zeros (ReLU outputs have many), which
+    every threshold represents exactly.
     """
     min: float
     max: float
     hist: Optional[np.ndarray] = None
     hist_max: float = 0.0
+    zeros: float = 0.0
 
 
 class Collector(abc.ABC):
@@ -70,6 +73,7 @@ class _RunningHistogram:
     def __init__(self, num_bins: int):
         self.counts = np.zeros(num_bins, dtype=np.float64)
         self.hist_max = 0.0
+        self.zeros = 0.0
         self.min = math.inf
         self.max = -math.inf
 
@@ -101,11 +105,15 @@ class _RunningHistogram:
         num_bins = len(self.counts)
         if self.hist_max == 0.0:  # all zeros so far: everything sits in bin 0
             self.counts[0] += sample.size * weight
+            self.zeros += sample.size * weight
             return
         magnitude = np.abs(sample) if lo < 0 else sample
         idx = (magnitude * (num_bins / self.hist_max)).astype(np.int32)
         np.minimum(idx, num_bins - 1, out=idx)
-        self.counts += np.bincount(idx.ravel(), minlength=num_bins) * weight
+        counts = np.bincount(idx.ravel(), minlength=num_bins)
+        if counts[0]:
+            self.zeros += np.count_nonzero(magnitude[idx == 0] == 0) * weight
+        self.counts += counts * weight
 
 
 class HistogramCollector(Collector):
@@ -142,5 +150,5 @@ class HistogramCollector(Collector):
         hist.add(flat[::stride], lo, hi, float(stride))
 
     def finalize(self):
-        return {name: LayerStats(h.min, h.max, h.counts.copy(), h.hist_max)
+        return {name: LayerStats(h.min, h.max, h.counts.copy(), h.hist_max, h.zeros)
                 for name, h in self._hists.items()}

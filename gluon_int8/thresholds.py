@@ -34,6 +34,14 @@ def _require_hist(stats, mode: str) -> None:
                          'statistics only hold min/max; use HistogramCollector' % mode)
 
 
+def _nonzero_hist(stats) -> np.ndarray:
+    """The histogram without the exact zeros: they cost no error at any threshold, and a
+    ReLU's zero spike would otherwise dominate the KL and MSE searches."""
+    hist = np.array(stats.hist, dtype=np.float64)
+    hist[0] = max(hist[0] - stats.zeros, 0.0)
+    return hist
+
+
 def _floor(threshold: float) -> float:
     return float(max(threshold, MIN_THRESHOLD))
 
@@ -76,7 +84,7 @@ def mse_curve(stats, levels: int) -> Tuple[np.ndarray, np.ndarray]:
     give every candidate at once.
     """
     _require_hist(stats, 'mse')
-    hist = np.asarray(stats.hist, dtype=np.float64)
+    hist = _nonzero_hist(stats)
     num_bins = len(hist)
     width = stats.hist_max / num_bins
     centres = (np.arange(num_bins) + 0.5) * width
@@ -96,13 +104,13 @@ def mse_curve(stats, levels: int) -> Tuple[np.ndarray, np.ndarray]:
 def mse_threshold(stats, levels: int) -> float:
     """The candidate threshold with the smallest expected quantization MSE."""
     _require_hist(stats, 'mse')
-    if stats.hist_max == 0:
+    if stats.hist_max == 0 or np.sum(stats.hist) <= stats.zeros:
         return naive_threshold(stats, levels)
     thresholds, curve = mse_curve(stats, levels)
     return _floor(thresholds[int(np.argmin(curve))])
 
 
-def kl_curve(stats, levels: int) -> Tuple[np.ndarray, np.ndarray]:
+def kl_curve(stats, levels: int, eps: float = 1e-4) -> Tuple[np.ndarray, np.ndarray]:
     """KL divergence between the clipped and the quantized distribution per candidate.
 
     The TensorRT method (Szymon Migacz, "8-bit Inference with TensorRT", GTC 2017)::
@@ -113,53 +121,53 @@ def kl_curve(stats, levels: int) -> Tuple[np.ndarray, np.ndarray]:
                 evenly over the bins of the group where P is non-zero
             divergence[i] = KL(P / sum P || Q / sum Q)
 
+    Smoothing, as in TensorRT and MXNet: an empty bin of P or Q counts ``eps``, so a
+    clipped outlier landing on a bin where Q is empty costs a large but finite amount.
+
     Instead of building P and Q per candidate, the sums over the group boundaries come
     from cumulative sums of ``h``, ``h log h`` and ``[h > 0]``: a ``(candidates, levels)``
-    matrix of work. Candidates where Q has no mass under a non-zero P (clipped outliers
-    above an empty last group) get a divergence of ``inf``.
+    matrix of work instead of ``(candidates, bins)``.
     """
     _require_hist(stats, 'entropy')
-    hist = np.asarray(stats.hist, dtype=np.float64)
+    hist = _nonzero_hist(stats)
     num_bins = len(hist)
     total = hist.sum()
-    first = min(levels, num_bins)
-    cand = np.arange(first, num_bins + 1)                      # i = number of bins kept
+    cand = np.arange(min(levels, num_bins), num_bins + 1)     # i = number of bins kept
     thresholds = cand * (stats.hist_max / num_bins)
 
-    zero_pad = np.concatenate([[0.0], np.cumsum(hist)])       # cum[k] = sum h[<k]
-    nonzero = np.concatenate([[0.0], np.cumsum(hist > 0)])
-    hlogh = np.where(hist > 0, hist * np.log(np.where(hist > 0, hist, 1.0)), 0.0)
+    cum = np.concatenate([[0.0], np.cumsum(hist)])            # cum[k] = sum h[<k]
+    cum_nonzero = np.concatenate([[0.0], np.cumsum(hist > 0)])
+    hlogh = hist * np.log(np.where(hist > 0, hist, 1.0))
     cum_hlogh = np.concatenate([[0.0], np.cumsum(hlogh)])
 
-    outliers = total - zero_pad[cand]                          # counts clipped to bin i-1
-    edge = hist[cand - 1] + outliers                           # P[i-1]
-    # sum_{P>0} P log P: the untouched bins plus the edge bin with the outliers
-    p_log_p = cum_hlogh[cand - 1] + np.where(edge > 0, edge * np.log(np.maximum(edge, 1e-300)), 0.0)
+    kept = cum[cand]                                          # sum Q = mass below threshold
+    outliers = total - kept                                   # clipped onto bin i-1
+    edge = hist[cand - 1] + outliers                          # P[i-1]
+    # sum over P>0 of P log P: the untouched bins plus the edge bin with the outliers
+    p_log_p = cum_hlogh[cand - 1] + edge * np.log(np.where(edge > 0, edge, 1.0))
 
     bounds = (np.arange(levels + 1)[None, :] * cand[:, None]) // levels   # (C, L+1)
-    group_sum = np.diff(zero_pad[bounds], axis=1)                         # Q mass per group
-    group_nz = np.diff(nonzero[bounds], axis=1)                           # bins with P>0
-    last_fix = (edge > 0).astype(np.float64) - (hist[cand - 1] > 0)      # edge bin's P>0
-    group_nz[:, -1] += last_fix
+    group_sum = np.diff(cum[bounds], axis=1)                  # Q mass per group
+    group_nz = np.diff(cum_nonzero[bounds], axis=1)           # bins of the group with P>0
+    group_nz[:, -1] += (edge > 0) * 1.0 - (hist[cand - 1] > 0)
     p_mass = group_sum.copy()
-    p_mass[:, -1] += outliers                                             # P mass per group
+    p_mass[:, -1] += outliers                                 # P mass per group
 
+    q_level = np.divide(group_sum, group_nz, out=np.zeros_like(group_sum), where=group_nz > 0)
+    log_q = np.log(np.where(q_level > 0, q_level, eps))       # starved groups: Q = eps
+    p_log_q = (p_mass * log_q).sum(axis=1)
+    empty_bins = cand - group_nz.sum(axis=1)                  # P = Q = eps there
     with np.errstate(divide='ignore', invalid='ignore'):
-        q_level = group_sum / group_nz                                    # Q per non-zero bin
-        # P mass sitting on bins where Q is zero makes the divergence infinite
-        starved = (p_mass > 0) & ~(q_level > 0)
-        log_q = np.where(p_mass > 0, p_mass * np.log(np.where(q_level > 0, q_level, 1.0)), 0.0)
-    q_total = zero_pad[cand]
-    with np.errstate(divide='ignore', invalid='ignore'):
-        divergence = (p_log_p - log_q.sum(axis=1)) / total - np.log(total) + np.log(q_total)
-    divergence[starved.any(axis=1) | (q_total <= 0)] = np.inf
+        divergence = ((p_log_p - p_log_q) / total - np.log(total) + np.log(kept)
+                      + empty_bins * eps / total * np.log(kept / total))
+    divergence[kept <= 0] = np.inf
     return thresholds, divergence
 
 
 def entropy_threshold(stats, levels: int) -> float:
     """The candidate threshold with the smallest KL divergence (TensorRT-style)."""
     _require_hist(stats, 'entropy')
-    if stats.hist_max == 0 or np.sum(stats.hist) == 0:
+    if stats.hist_max == 0 or np.sum(stats.hist) <= stats.zeros:
         return naive_threshold(stats, levels)
     thresholds, divergence = kl_curve(stats, levels)
     if not np.isfinite(divergence).any():

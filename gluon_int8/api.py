@@ -160,6 +160,9 @@ def quantize_net(block: HybridBlock, calib_data=None, mode='entropy', *,
     progress : bool
         Show a tqdm progress bar over the calibration batches.
     """
+    if not isinstance(block, HybridBlock):
+        raise TypeError('block: expected a gluon HybridBlock, got %s; only HybridBlocks '
+                        'can be traced into a graph' % type(block).__name__)
     opts = validate(mode, quantized_dtype, granularity, quantize_mode, exclude_layers,
                     exclude_layers_match, exclude_operators, num_calib_batches,
                     num_calib_examples, percentile, num_bins)

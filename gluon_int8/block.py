@@ -128,8 +128,11 @@ def load(prefix: str, epoch: int = 0) -> QuantizedBlock:
     if not isinstance(meta, dict) or meta.get('format_version') != SIDECAR_VERSION:
         raise ValueError('prefix: %r is not a gluon-int8 sidecar' % sidecar_file)
     try:
-        symbol = mx.sym.load(sym_file)
-    except mx.base.MXNetError as err:
+        with open(sym_file, 'rb') as f:
+            text = f.read().decode('utf-8')
+        json.loads(text)
+        symbol = mx.sym.load_json(text)
+    except (UnicodeDecodeError, json.JSONDecodeError, mx.base.MXNetError) as err:
         raise ValueError('prefix: %r is truncated or corrupted (%s)'
                          % (sym_file, str(err).strip().splitlines()[0])) from err
     try:

@@ -65,9 +65,6 @@ def trace(block: HybridBlock, sample_inputs: Sequence[mx.nd.NDArray] = None) -> 
     ``sample_inputs`` (one batch, as NDArrays) is only needed when some parameters still
     wait for deferred initialization.
     """
-    if not isinstance(block, HybridBlock):
-        raise TypeError('block: expected a gluon HybridBlock, got %s; only HybridBlocks '
-                        'can be traced into a graph' % type(block).__name__)
     num_inputs = count_inputs(block)
     if not _check_initialized(block):
         if sample_inputs is None:

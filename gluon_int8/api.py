@@ -16,6 +16,7 @@ from typing import Optional, Sequence, Union
 from mxnet.gluon import HybridBlock
 
 from . import fuse as fuse_stage
+from . import weights
 from .block import QuantizedBlock
 from .calibrate import collect_statistics, make_table
 from .collectors import Collector, HistogramCollector, MinMaxCollector
@@ -185,11 +186,13 @@ def quantize_net(block: HybridBlock, calib_data=None, mode='entropy', *,
         qsym = set_calib_table(qsym, table.ranges)
     qsym = fuse_stage.fuse(qsym)  # requantize/dequantize fusion now that ranges are known
 
-    qnet = build_symbol_block(qsym, traced.data_names,
-                              quantize_offline_params(qsym, traced.arg_params),
-                              traced.aux_params, cls=QuantizedBlock, calib_table=table,
+    values = quantize_offline_params(qsym, traced.arg_params)
+    int8_names = weights.int8_weight_names(qsym, values)
+    values, int8_store = weights.round_weights(values, int8_names)
+    qnet = build_symbol_block(qsym, traced.data_names, values, traced.aux_params,
+                              cls=QuantizedBlock, calib_table=table,
                               layers=summarize(nodes, qsym, excluded),
-                              out_format=traced.out_format)
+                              out_format=traced.out_format, int8_weights=int8_store)
     qnet.hybridize(static_alloc=True, static_shape=True)
     log.info('%d layers run INT8, %d stay FP32', len(qnet.int8_layers), len(qnet.fp32_layers))
     return qnet

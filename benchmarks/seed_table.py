@@ -53,15 +53,15 @@ def measure(name, batch, runs, lat_runs):
     blocks = bench.variants(net, calib[:1], qnet)
     blocks['builtin_int8'] = builtin_int8(net, calib, preset)
     row = {'model': name, 'shape': 'x'.join(map(str, preset.input_shape)), 'batch': batch,
-           'calib_seconds_gluon_int8': calib_seconds, 'latency_ms': {}, 'throughput': {}}
-    for variant in VARIANTS:
-        row['latency_ms'][variant] = bench.latency_ms(blocks[variant], [(1,) + preset.input_shape],
-                                                      runs=lat_runs)
-        row['throughput'][variant] = bench.throughput(blocks[variant],
-                                                      [(batch,) + preset.input_shape], runs=runs)
-        print('  %-12s latency %8.2f ms   throughput %8.1f img/s'
-              % (variant, row['latency_ms'][variant], row['throughput'][variant]), flush=True)
+           'calib_seconds_gluon_int8': calib_seconds}
+    row.update(bench.measure({v: blocks[v] for v in VARIANTS}, preset.input_shape, batch, runs,
+                             lat_runs, report=print_result))
     return row
+
+
+def print_result(variant, latency, images_per_s):
+    print('  %-12s latency %8.2f ms   throughput %8.1f img/s' % (variant, latency, images_per_s),
+          flush=True)
 
 
 def markdown(rows, threads):

@@ -69,3 +69,18 @@ def throughput(block, shapes: Sequence[tuple], warmup: int = 3, runs: int = 10) 
     """Median examples per second at the batch size of ``shapes``."""
     inputs = [mx.nd.random.uniform(-1, 1, shape=s) for s in shapes]
     return shapes[0][0] / statistics.median(_timings(block, inputs, warmup, runs))
+
+
+def measure(blocks: Dict[str, object], input_shape: tuple, batch: int, runs: int = 10,
+            latency_runs: int = 50, report=None) -> Dict[str, Dict[str, float]]:
+    """Latency at batch 1 and throughput at ``batch`` of every block, in order.
+
+    ``report(name, latency_ms, images_per_s)`` is called after each block (for progress).
+    """
+    result = {'latency_ms': {}, 'throughput': {}}
+    for name, block in blocks.items():
+        result['latency_ms'][name] = latency_ms(block, [(1,) + tuple(input_shape)], runs=latency_runs)
+        result['throughput'][name] = throughput(block, [(batch,) + tuple(input_shape)], runs=runs)
+        if report is not None:
+            report(name, result['latency_ms'][name], result['throughput'][name])
+    return result

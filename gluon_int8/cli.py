@@ -4,6 +4,7 @@
     gluon-int8 quantize --prefix model/resnet50 --calib-data calib.npy --mode naive \\
         --exclude-operators Pooling --out model/cq_resnet50
     gluon-int8 info model/cq_resnet50
+    gluon-int8 bench --model resnet50_v1        (or --prefix model/cq_resnet50)
 
 ``--model`` takes a GluonCV model-zoo name (random weights unless ``--pretrained``);
 ``--prefix`` an FP32 export (``prefix-symbol.json`` + ``prefix-0000.params``).
@@ -83,6 +84,28 @@ def cmd_info(args):
             print('  %-50s [%.5g, %.5g]' % (name, lo, hi))
 
 
+def cmd_bench(args):
+    import mxnet as mx
+    import gluon_int8
+    from . import bench, zoo
+    if args.model:
+        family = zoo.preset(args.model)
+        shape = args.input_shape or family.input_shape
+        net = zoo.get_model(args.model, quantized=False)
+        calib = [mx.nd.random.uniform(-1, 1, shape=(16,) + shape)]
+        qnet = gluon_int8.quantize_net(net, calib, mode='naive', **dict(family.quantize_kwargs))
+        blocks, title = bench.variants(net, calib, qnet), args.model
+    else:
+        shape = args.input_shape or (3, 224, 224)
+        blocks, title = {'int8': gluon_int8.load(args.prefix)}, args.prefix
+    print('%s, input %s, OMP_NUM_THREADS=%s' % (title, 'x'.join(map(str, shape)), bench.omp_threads()))
+    result = bench.measure(blocks, shape, args.batch, args.runs, args.latency_runs)
+    print('| variant | latency ms (batch 1) | img/s (batch %d) |' % args.batch)
+    print('|---|---|---|')
+    for name in blocks:
+        print('| %s | %.2f | %.1f |' % (name, result['latency_ms'][name], result['throughput'][name]))
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog='gluon-int8', description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest='command', required=True)
@@ -106,6 +129,16 @@ def build_parser():
     q.add_argument('--out', required=True, help='export prefix of the INT8 model')
     q.add_argument('--quiet', action='store_true', help='no progress bar')
     q.set_defaults(func=cmd_quantize)
+    b = sub.add_parser('bench', help='latency and throughput of FP32 base, fused and INT8')
+    src = b.add_mutually_exclusive_group(required=True)
+    src.add_argument('--model', help='GluonCV model-zoo name (random weights; all variants)')
+    src.add_argument('--prefix', help='an INT8 export of gluon-int8 (INT8 only)')
+    b.add_argument('--input-shape', type=_shape, default=None,
+                   help='per-example shape (default: the zoo preset, else 3,224,224)')
+    b.add_argument('--batch', type=int, default=64)
+    b.add_argument('--runs', type=int, default=10)
+    b.add_argument('--latency-runs', type=int, default=50)
+    b.set_defaults(func=cmd_bench)
     i = sub.add_parser('info', help='show the layers and ranges of an INT8 export')
     i.add_argument('prefix')
     i.set_defaults(func=cmd_info)

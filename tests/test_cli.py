@@ -29,3 +29,13 @@ def test_quantize_then_info(tmp_path, capsys):
 def test_bad_option_is_reported_not_raised(tmp_path, capsys):
     assert main(['info', str(tmp_path / 'missing')]) == 2
     assert "prefix: '" in capsys.readouterr().err
+
+
+def test_bench_on_an_int8_export(tmp_path, capsys):
+    net, inputs = make_net(PoolBlock, (4, 3, 16, 16))
+    prefix = str(tmp_path / 'cq')
+    gluon_int8.quantize_net(net, inputs[0]).export(prefix)
+    assert main(['bench', '--prefix', prefix, '--input-shape', '3,16,16', '--batch', '4',
+                 '--runs', '2', '--latency-runs', '2']) == 0
+    out = capsys.readouterr().out
+    assert '| int8 |' in out and 'img/s (batch 4)' in out

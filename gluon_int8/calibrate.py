@@ -121,20 +121,30 @@ def _progress(batches, enabled: bool, total: Optional[int]):
 
 
 def make_table(stats: Dict[str, LayerStats], mode: str, quantized_dtype: str,
-               **threshold_options) -> CalibrationTable:
+               quantize_inputs: Sequence[str] = (), **threshold_options) -> CalibrationTable:
     """Thresholds for every layer -> a calibration table.
 
-    A layer is quantized unsigned (uint8, 255 levels) when ``quantized_dtype`` allows
-    and its calibrated min is >= 0, else signed (int8, 127 levels, symmetric).
+    A layer whose calibrated min is >= 0 gets the range ``(0, T)``, any other
+    ``(-T, T)``. As in MXNet, ``quantized_dtype`` decides the type of the quantize nodes
+    only: a oneDNN conv with a fused ReLU emits uint8 whatever it is, and needs a
+    non-negative range. The search uses 255 levels where the layer can run uint8, else 127.
+    With ``quantized_dtype='uint8'`` the outputs feeding quantize nodes
+    (``quantize_inputs``) get ``(0, T)`` too: negative values are clipped there (logged).
     ``mode`` may be ``'custom'`` for a user collector: its min/max are the ranges.
     """
+    forced_unsigned = set(quantize_inputs) if quantized_dtype == 'uint8' else set()
     threshold = naive_threshold if mode == 'custom' else get_threshold_fn(mode)
     ranges, observed = {}, {}
     for name, st in stats.items():
-        unsigned = quantized_dtype in ('auto', 'uint8') and st.min >= 0
-        t = threshold(st, 255 if unsigned else 127, **threshold_options)
+        unsigned = st.min >= 0 or name in forced_unsigned
+        levels = 255 if unsigned and quantized_dtype != 'int8' else 127
+        t = threshold(st, levels, **threshold_options)
         ranges[name] = (0.0, t) if unsigned else (-t, t)
         observed[name] = (float(st.min), float(st.max))
+    clipped = sorted(n for n, st in stats.items() if st.min < 0 and n in forced_unsigned)
+    if clipped:
+        log.warning("quantized_dtype='uint8' clips the negative values of %d layer outputs "
+                    "at their quantize nodes: %s", len(clipped), clipped)
     return CalibrationTable(ranges, mode, quantized_dtype, observed)
 
 

@@ -128,6 +128,23 @@ def quantize_symbol(symbol: mx.sym.Symbol, excluded_names: Sequence[str],
     return mx.sym.Symbol(out), layers
 
 
+def quantize_node_inputs(qsym: mx.sym.Symbol) -> List[str]:
+    """Names of the outputs that feed a quantize node (FP32 -> INT8 boundaries)."""
+    internals = qsym.get_internals()
+    output_name, seen = {}, {}
+    for i, out_name in enumerate(internals.list_outputs()):
+        node = internals[i].name
+        seen[node] = seen.get(node, -1) + 1
+        output_name[(node, seen[node])] = out_name
+    nodes = json.loads(qsym.tojson())['nodes']
+    names = []
+    for node in nodes:
+        if node['op'] == '_contrib_quantize_v2':
+            src, index, _ = node['inputs'][0]
+            names.append(output_name[(nodes[src]['name'], index)])
+    return names
+
+
 def set_calib_table(qsym: mx.sym.Symbol, ranges: Mapping[str, Tuple[float, float]]) -> mx.sym.Symbol:
     """Write the (min, max) range of every calibrated layer output into ``qsym``."""
     names = list(ranges)

@@ -74,6 +74,17 @@ def _check_pretrained_local(name: str, root: str) -> None:
                            % (name, root, os.path.basename(local), name))
 
 
+class RandomInit(mx.init.Xavier):
+    """Xavier, except for 1-D weights (BatchNorm scales created with an explicit Xavier
+    initializer, e.g. in SSD's extra layers): ones for gammas, zeros otherwise."""
+
+    def _init_weight(self, name, arr):
+        if len(arr.shape) < 2:
+            arr[:] = 1.0 if name.endswith('gamma') else 0.0
+        else:
+            super()._init_weight(name, arr)
+
+
 def get_model(name: str, quantized: bool = True, calib_data=None, mode: str = 'entropy',
               pretrained: bool = False, exclude_first_conv: Optional[bool] = None,
               root: str = os.path.join('~', '.mxnet', 'models'), quantize_kwargs=None,
@@ -92,7 +103,7 @@ def get_model(name: str, quantized: bool = True, calib_data=None, mode: str = 'e
         gluoncv_kwargs['pretrained_base'] = False
     net = gluoncv_get_model(name, pretrained=pretrained, root=root, **gluoncv_kwargs)
     if not pretrained:
-        net.initialize(mx.init.Xavier(), force_reinit=True)
+        net.initialize(RandomInit(), force_reinit=True)
     if not quantized:
         return net
     family = preset(name)

@@ -46,6 +46,12 @@ def _floor(threshold: float) -> float:
     return float(max(threshold, MIN_THRESHOLD))
 
 
+def _within_range(threshold: float, stats) -> float:
+    """A candidate edge can lie past the observed peak (the histogram range grows by
+    doubling); a threshold above the peak only wastes levels."""
+    return _floor(min(threshold, max(abs(stats.min), abs(stats.max))))
+
+
 def naive_threshold(stats, levels: int) -> float:
     """max |x| over all calibration data (MXNet's 'naive' mode)."""
     del levels  # the range does not depend on the target type
@@ -107,7 +113,7 @@ def mse_threshold(stats, levels: int) -> float:
     if stats.hist_max == 0 or np.sum(stats.hist) <= stats.zeros:
         return naive_threshold(stats, levels)
     thresholds, curve = mse_curve(stats, levels)
-    return _floor(thresholds[int(np.argmin(curve))])
+    return _within_range(thresholds[int(np.argmin(curve))], stats)
 
 
 def kl_curve(stats, levels: int, eps: float = 1e-4) -> Tuple[np.ndarray, np.ndarray]:
@@ -172,7 +178,7 @@ def entropy_threshold(stats, levels: int) -> float:
     thresholds, divergence = kl_curve(stats, levels)
     if not np.isfinite(divergence).any():
         return naive_threshold(stats, levels)
-    return _floor(thresholds[int(np.argmin(divergence))])
+    return _within_range(thresholds[int(np.argmin(divergence))], stats)
 
 
 ThresholdFn = Callable[..., float]

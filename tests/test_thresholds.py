@@ -163,3 +163,28 @@ def test_entropy_agrees_with_mxnet_builtin_search(kind):
     ours = entropy_threshold(stats_of(values), 255 if values.min() >= 0 else 127)
     assert ours == pytest.approx(reference, rel=0.15)
     assert ours < peak
+
+
+def test_thresholds_never_exceed_the_observed_peak():
+    # two batches: the histogram range doubles past the peak, candidates go beyond it
+    collector = HistogramCollector(num_bins=2048, max_samples=None)
+    rng = np.random.RandomState(5)
+    collector.collect('x', 'op', rng.uniform(0, 1.0, 10000).astype(np.float32))
+    collector.collect('x', 'op', rng.uniform(0, 1.3, 10000).astype(np.float32))
+    stats = collector.finalize()['x']
+    assert stats.hist_max == 2.0
+    for mode, fn in THRESHOLDS.items():
+        assert fn(stats, 255) <= stats.max, mode
+
+
+def test_network_inputs_keep_their_full_range():
+    """A normalized image: background pixels all at one negative value, a spike that the
+    KL search would clip to; the network input keeps min/max, other layers do not."""
+    from gluon_int8.calibrate import make_table
+    rng = np.random.RandomState(6)
+    pixels = np.where(rng.rand(100000) < 0.6, -0.81, rng.uniform(-0.81, 2.02, 100000))
+    stats = stats_of(pixels.astype(np.float32))
+    table = make_table({'data': stats, 'conv_output': stats}, 'entropy', 'auto',
+                       input_layers=['data'])
+    assert table.ranges['data'][1] == pytest.approx(2.02, rel=1e-6)
+    assert table.ranges['conv_output'][1] < 1.5

@@ -1,10 +1,15 @@
 # make demo: the main job on the bundled default; make test: the test suite.
 # Both create .venv from the pinned requirements on first use.
+# make peers: ONNX Runtime and OpenVINO/NNCF on the ONNX export of the seed models, in
+# their own .venv-peers (numpy 2); e.g. make peers PEER_MODELS=mobilenet1.0 THREADS=1
 PY := .venv/bin/python
+PEERS_PY := .venv-peers/bin/python
+PEER_MODELS ?= resnet50_v1,resnet101_v1,mobilenet1.0,inceptionv3,ssd_300_vgg16_atrous_voc
+PEER_ARGS ?=
 THREADS ?= 2
 export OMP_NUM_THREADS := $(THREADS)
 
-.PHONY: demo test bench-calibration clean
+.PHONY: demo test bench-calibration peers clean clean-peers
 
 .venv/.installed: requirements.txt requirements-test.txt setup.cfg setup.py
 	python3 -m venv .venv
@@ -21,6 +26,24 @@ test: .venv/.installed
 
 bench-calibration: .venv/.installed
 	$(PY) benchmarks/calibration.py
+
+# the exporter half runs in .venv (MXNet), which needs the onnx package for it
+.venv/.onnx-installed: .venv/.installed requirements-export.txt
+	.venv/bin/pip install -q -r requirements-export.txt
+	touch $@
+
+.venv-peers/.installed: requirements-peers.txt
+	python3 -m venv .venv-peers
+	.venv-peers/bin/pip install -q --upgrade pip
+	.venv-peers/bin/pip install -q -r requirements-peers.txt
+	touch $@
+
+peers: .venv/.onnx-installed .venv-peers/.installed
+	$(PY) benchmarks/export_onnx.py --models $(PEER_MODELS)
+	$(PEERS_PY) benchmarks/peers.py --models $(PEER_MODELS) $(PEER_ARGS)
+
+clean-peers:
+	rm -rf .venv-peers results/onnx
 
 clean:
 	rm -rf .venv model build *.egg-info

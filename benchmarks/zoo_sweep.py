@@ -45,26 +45,6 @@ def real_images(shape, count=32):
     return mx.nd.tile(x, reps=(1, 3, 1, 1))
 
 
-def set_bn_statistics(net, batch):
-    """Running mean/var of every BatchNorm := the statistics of ``batch`` (momentum 0).
-
-    MXNet 1.x updates BatchNorm's running statistics in the backward pass, hence the
-    recorded forward and the backward of a dummy loss.
-    """
-    import mxnet as mx
-    from mxnet.gluon import nn
-
-    def visit(block):
-        if isinstance(block, nn.BatchNorm):
-            block._kwargs['momentum'] = 0.0
-        for child in block._children.values():
-            visit(child)
-    visit(net)
-    with mx.autograd.record(train_mode=True):
-        loss = sum(o.sum() for o in flat_outputs(net(batch)))
-    loss.backward()
-
-
 def flat_outputs(out):
     return list(out) if isinstance(out, (list, tuple)) else [out]
 
@@ -85,7 +65,7 @@ def run_one(name):
     mx.random.seed(0)
     net = zoo.get_model(name, quantized=False)
     images = real_images(family.input_shape)
-    set_bn_statistics(net, images[:16])
+    zoo.set_batchnorm_statistics(net, images[:16])
     start = time.perf_counter()
     qnet = gluon_int8.quantize_net(net, [images[:16]], mode='entropy',
                                    **dict(family.quantize_kwargs))

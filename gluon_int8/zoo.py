@@ -85,14 +85,45 @@ class RandomInit(mx.init.Xavier):
             super()._init_weight(name, arr)
 
 
+def set_batchnorm_statistics(net, batch: mx.nd.NDArray) -> int:
+    """Set every BatchNorm's running mean/var to the statistics of its input on ``batch``.
+
+    For random weights only: with Xavier weights and the default running statistics
+    (mean 0, var 1) activations shrink layer after layer (MobileNet 1.0's logits end near
+    1e-19), which no trained network does. One imperative forward pass: each BatchNorm's
+    pre-hook sets its statistics from the input it is about to normalize, so later layers
+    see normalized activations. Same graph, same shapes. Returns the number of layers set.
+    """
+    blocks = []
+    net.apply(lambda b: blocks.append(b) if isinstance(b, mx.gluon.nn.BatchNorm) else None)
+
+    def set_stats(block, args):
+        x = args[0]
+        axis = block._kwargs.get('axis', 1) % x.ndim
+        reduce_axes = tuple(a for a in range(x.ndim) if a != axis)
+        mean = x.mean(axis=reduce_axes)
+        centred = x - mean.reshape([-1 if a == axis else 1 for a in range(x.ndim)])
+        block.running_mean.set_data(mean)
+        block.running_var.set_data((centred ** 2).mean(axis=reduce_axes))
+
+    handles = [b.register_forward_pre_hook(set_stats) for b in blocks]
+    try:
+        net(batch)
+    finally:
+        for handle in handles:
+            handle.detach()
+    return len(blocks)
+
+
 def get_model(name: str, quantized: bool = True, calib_data=None, mode: str = 'entropy',
               pretrained: bool = False, exclude_first_conv: Optional[bool] = None,
               root: str = os.path.join('~', '.mxnet', 'models'), quantize_kwargs=None,
-              **gluoncv_kwargs):
+              bn_batch: Optional[mx.nd.NDArray] = None, **gluoncv_kwargs):
     """A GluonCV model, FP32 or quantized with its family preset.
 
     ``pretrained=False`` gives random (Xavier) weights: right for speed work, never for
-    accuracy. ``quantize_kwargs`` override the preset's options for ``quantize_net``.
+    accuracy; ``bn_batch`` then sets the BatchNorm statistics from that batch (see
+    :func:`set_batchnorm_statistics`). ``quantize_kwargs`` override the preset's options.
     """
     from gluoncv.model_zoo import get_model as gluoncv_get_model
     from .api import quantize_net
@@ -104,6 +135,8 @@ def get_model(name: str, quantized: bool = True, calib_data=None, mode: str = 'e
     net = gluoncv_get_model(name, pretrained=pretrained, root=root, **gluoncv_kwargs)
     if not pretrained:
         net.initialize(RandomInit(), force_reinit=True)
+        if bn_batch is not None:
+            set_batchnorm_statistics(net, bn_batch)
     if not quantized:
         return net
     family = preset(name)

@@ -21,8 +21,10 @@ from .block import QuantizedBlock
 from .calibrate import collect_statistics, make_table
 from .collectors import Collector, HistogramCollector, MinMaxCollector
 from .data import iter_batches
-from .quantize_graph import (GRANULARITIES, graph_nodes, quantize_offline_params,
-                             quantize_symbol, resolve_exclusions, set_calib_table, summarize)
+from .quantize_graph import (GRANULARITIES, graph_nodes, quantize_node_inputs,
+                             quantize_offline_params, quantize_symbol, resolve_exclusions,
+                             set_calib_table, summarize)
+from .report import fp32_reference
 from .table import CalibrationTable, optional_table
 from .thresholds import THRESHOLDS
 from .trace import build_symbol_block, count_inputs, trace
@@ -180,8 +182,8 @@ def quantize_net(block: HybridBlock, calib_data=None, mode='entropy', *,
     qsym, calib_layers = quantize_symbol(fused, sorted(excluded), list(traced.arg_params),
                                          opts.quantized_dtype, opts.quantize_mode,
                                          opts.granularity)
-    table = _calibration_table(fused, traced, calib_layers, batches, opts, calib_table,
-                               progress, _length(calib_data, opts))
+    table = _calibration_table(fused, traced, calib_layers, quantize_node_inputs(qsym), batches,
+                               opts, calib_table, progress, _length(calib_data, opts))
     if table is not None:
         qsym = set_calib_table(qsym, table.ranges)
     qsym = fuse_stage.fuse(qsym)  # requantize/dequantize fusion now that ranges are known
@@ -192,7 +194,8 @@ def quantize_net(block: HybridBlock, calib_data=None, mode='entropy', *,
     qnet = build_symbol_block(qsym, traced.data_names, values, traced.aux_params,
                               cls=QuantizedBlock, calib_table=table,
                               layers=summarize(nodes, qsym, excluded),
-                              out_format=traced.out_format, int8_weights=int8_store)
+                              out_format=traced.out_format, int8_weights=int8_store,
+                              fp32_graph=fp32_reference(fused, traced.arg_params, values))
     qnet.hybridize(static_alloc=True, static_shape=True)
     log.info('%d layers run INT8, %d stay FP32', len(qnet.int8_layers), len(qnet.fp32_layers))
     return qnet
@@ -221,8 +224,8 @@ def _length(calib_data, opts: Options) -> Optional[int]:
     return known
 
 
-def _calibration_table(fused, traced, calib_layers, batches, opts: Options, calib_table,
-                       progress, total) -> Optional[CalibrationTable]:
+def _calibration_table(fused, traced, calib_layers, quantize_inputs, batches, opts: Options,
+                       calib_table, progress, total) -> Optional[CalibrationTable]:
     """Calibrate from data (saving the table if a path was given), or load a table."""
     if opts.mode == 'none' and batches is None and calib_table is None:
         return None
@@ -232,8 +235,15 @@ def _calibration_table(fused, traced, calib_layers, batches, opts: Options, cali
         return table
     stats = collect_statistics(fused, traced.data_names, traced.arg_params, traced.aux_params,
                                calib_layers, batches, opts.new_collector(), progress, total)
-    table = make_table(stats, opts.mode_name, opts.quantized_dtype, **opts.threshold_options())
+    table = table_from_stats(stats, opts, quantize_inputs, traced.data_names)
     if isinstance(calib_table, str):
         table.save(calib_table)
         log.info('saved calibration table to %s', calib_table)
     return table
+
+
+def table_from_stats(stats, opts: Options, quantize_inputs, input_layers) -> CalibrationTable:
+    """Statistics -> calibration table, the one way ``quantize_net`` and ``tune`` (which
+    builds many tables from one calibration pass) both take."""
+    return make_table(stats, opts.mode_name, opts.quantized_dtype, quantize_inputs,
+                      input_layers, **opts.threshold_options())

@@ -6,7 +6,10 @@
 * ``prefix-symbol.json`` and ``prefix-0000.params``: plain MXNet loads them with
   ``SymbolBlock.imports`` (the params use gluon's ``arg:``/``aux:`` keys);
 * ``prefix-quantization.json``: the calibration table and the per-layer summary, which
-  :func:`load` restores.
+  :func:`load` restores;
+* ``prefix-fp32.params``: the FP32 values the INT8 graph does not hold, which with the
+  fused FP32 graph in the sidecar let a loaded block run :meth:`QuantizedBlock.report`
+  (a separate file: plain ``SymbolBlock.imports`` refuses extra parameters).
 
 Every file is written to a temporary name in the target folder and renamed into place,
 so a crash mid-write never leaves a half-written model behind.
@@ -22,6 +25,7 @@ from mxnet.gluon.block import _regroup
 
 from . import weights
 from .quantize_graph import LayerInfo
+from .report import FP32Graph, Report, layer_report
 from .table import CalibrationTable, _tmp_path, atomic_write_text
 from .trace import build_symbol_block
 
@@ -39,13 +43,16 @@ class QuantizedBlock(SymbolBlock):
     """
 
     def __init__(self, outputs, inputs, params=None, calib_table: Optional[CalibrationTable] = None,
-                 layers: Sequence[LayerInfo] = (), out_format=None, int8_weights=None):
+                 layers: Sequence[LayerInfo] = (), out_format=None, int8_weights=None,
+                 fp32_graph: Optional[FP32Graph] = None):
         super().__init__(outputs, inputs, params)
         self.calib_table = calib_table
         self.layers: List[LayerInfo] = list(layers)
         self._user_out_format = out_format
         # '<w>_int8' / '<w>_scale' arrays whose dequantization gives weight <w> exactly
         self._int8_weights = dict(int8_weights or {})
+        # the fused FP32 graph this INT8 graph was made from, for report()
+        self.fp32_graph = fp32_graph
 
     @property
     def int8_weight_names(self) -> List[str]:
@@ -78,7 +85,14 @@ class QuantizedBlock(SymbolBlock):
                   for r in self.layers]
         return '\n'.join(lines)
 
-    def export(self, path, epoch=0, remove_amp_cast=True, int8_weights=True):
+    def report(self, data, num_batches: Optional[int] = None,
+               num_examples: Optional[int] = None) -> Report:
+        """Per-layer error of the INT8 outputs against FP32 on ``data`` (SQNR, cosine),
+        with dtypes, granularity, ranges and why FP32; see :mod:`gluon_int8.report`."""
+        return layer_report(self, data, num_batches, num_examples)
+
+    def export(self, path, epoch=0, remove_amp_cast=True, int8_weights=True,
+               fp32_reference=False):
         """Write ``path-symbol.json``, ``path-%04d.params`` and ``path-quantization.json``
         atomically; return the list of written paths.
 
@@ -88,6 +102,11 @@ class QuantizedBlock(SymbolBlock):
         every call (4.5x slower for ResNet50 at batch 1 here), while
         :func:`gluon_int8.load` folds it away once. ``int8_weights=False`` stores the
         FP32 weights for deployments that must load with plain MXNet at full speed.
+
+        With ``fp32_reference`` ``path-fp32.params`` holds the FP32 values the INT8 graph
+        lacks, and the sidecar the fused FP32 graph, so that :meth:`report` works on the
+        loaded block. Off by default: it is an FP32 copy of the weights, which a
+        deployment export does not want.
         """
         del remove_amp_cast  # the INT8 graph has no AMP casts
         fast_symbol = self._cached_graph[1]
@@ -110,6 +129,10 @@ class QuantizedBlock(SymbolBlock):
                 params['%s:%s' % (kind, name)] = value
         files = {'%s-symbol.json' % path: lambda tmp: symbol.save(tmp),
                  '%s-%04d.params' % (path, epoch): lambda tmp: mx.nd.save(tmp, params)}
+        fp32 = self.fp32_graph if fp32_reference else None
+        if fp32 is not None:
+            files['%s-fp32.params' % path] = lambda tmp: mx.nd.save(
+                tmp, {'arg:%s' % k: v for k, v in fp32.params.items()})
         temps = []
         try:
             for final, write in files.items():
@@ -125,12 +148,12 @@ class QuantizedBlock(SymbolBlock):
                 if os.path.exists(tmp):
                     os.remove(tmp)
         sidecar = '%s-quantization.json' % path
-        atomic_write_text(sidecar, json.dumps(self._sidecar(sorted(int8_names)), indent=1))
+        atomic_write_text(sidecar, json.dumps(self._sidecar(sorted(int8_names), fp32), indent=1))
         written = list(files) + [sidecar]
         log.info('exported INT8 model: %s', ', '.join(written))
         return written
 
-    def _sidecar(self, int8_names) -> dict:
+    def _sidecar(self, int8_names, fp32: Optional[FP32Graph] = None) -> dict:
         return {'format_version': SIDECAR_VERSION,
                 'data_names': [s.name for s in self._cached_graph[0]],
                 'out_format': self._user_out_format,
@@ -138,7 +161,8 @@ class QuantizedBlock(SymbolBlock):
                 # the graph without the dequantize nodes: load() folds the weights once
                 'graph': json.loads(self._cached_graph[1].tojson()),
                 'calib_table': self.calib_table.to_dict() if self.calib_table else None,
-                'layers': [row.to_dict() for row in self.layers]}
+                'layers': [row.to_dict() for row in self.layers],
+                'fp32_graph': json.loads(fp32.symbol.tojson()) if fp32 is not None else None}
 
 
 def _first_line(err: Exception) -> str:
@@ -178,6 +202,25 @@ def _read_params(path: str) -> dict:
     return {k.split(':', 1)[-1]: v for k, v in saved.items()}
 
 
+def _read_fp32_graph(prefix: str, meta: dict) -> Optional[FP32Graph]:
+    """The FP32 graph of an export (None when it was exported without one)."""
+    graph = meta.get('fp32_graph')
+    if graph is None:
+        return None
+    path = '%s-fp32.params' % prefix
+    if not os.path.isfile(path):
+        log.warning('prefix: %r has no file %r; the model loads, but report() needs it',
+                    prefix, path)
+        return None
+    try:
+        saved = mx.nd.load(path)
+    except mx.base.MXNetError as err:
+        raise ValueError('prefix: %r is truncated or corrupted (%s)'
+                         % (path, _first_line(err))) from err
+    params = {k.split(':', 1)[-1]: v for k, v in saved.items()} if saved else {}
+    return FP32Graph(mx.sym.load_json(json.dumps(graph)), params)
+
+
 def load(prefix: str, epoch: int = 0) -> QuantizedBlock:
     """Load an export of :meth:`QuantizedBlock.export` with its table and layer summary.
 
@@ -211,6 +254,6 @@ def load(prefix: str, epoch: int = 0) -> QuantizedBlock:
         layers=[LayerInfo(r['name'], r['op'], r['dtype'], r['reason'], tuple(r['layers']))
                 for r in meta.get('layers', [])],
         out_format=meta.get('out_format'),  # gluon's format: ints and lists, as JSON keeps them
-        int8_weights=stored)
+        int8_weights=stored, fp32_graph=_read_fp32_graph(prefix, meta))
     block.hybridize(static_alloc=True, static_shape=True)
     return block

@@ -21,6 +21,7 @@ from mxnet.base import NDArrayHandle, py_str
 
 from .collectors import Collector, LayerStats
 from .data import Batch
+from .quantize_graph import graph_outputs
 from .table import CalibrationTable
 from .thresholds import get_threshold_fn, naive_threshold
 from .trace import build_symbol_block
@@ -29,21 +30,12 @@ log = logging.getLogger(__name__)
 
 
 def hook_names(symbol: mx.sym.Symbol, layers: Iterable[str]) -> Dict[str, str]:
-    """Map every name an op hook may report for a wanted output to that output's name.
-
-    Ops with named outputs report ``<node>_output``; ops without report ``<node>_<i>``.
-    """
+    """Map every name an op hook may report for a wanted output to that output's name."""
     wanted = set(layers)
-    internals = symbol.get_internals()
     mapping = {}
-    index_in_node: Dict[str, int] = {}
-    for i, out_name in enumerate(internals.list_outputs()):
-        node = internals[i].name
-        idx = index_in_node.get(node, 0)
-        index_in_node[node] = idx + 1
+    for node, idx, out_name in graph_outputs(symbol):
         if out_name in wanted:
-            mapping[out_name] = out_name
-            mapping['%s_%d' % (node, idx)] = out_name
+            mapping[out_name] = mapping['%s_%d' % (node, idx)] = out_name
     return mapping
 
 

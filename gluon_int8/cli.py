@@ -4,6 +4,7 @@
     gluon-int8 quantize --prefix model/resnet50 --calib-data calib.npy --mode naive \\
         --exclude-operators Pooling --out model/cq_resnet50
     gluon-int8 info model/cq_resnet50
+    gluon-int8 report model/cq_resnet50 --data calib.npy --json r.json --png r.png
     gluon-int8 bench --model resnet50_v1        (or --prefix model/cq_resnet50)
 
 ``--model`` takes a GluonCV model-zoo name (random weights unless ``--pretrained``);
@@ -69,7 +70,7 @@ def cmd_quantize(args):
     print(qnet.layer_table())
     out_dir = os.path.dirname(os.path.abspath(args.out))
     os.makedirs(out_dir, exist_ok=True)
-    for path in qnet.export(args.out):
+    for path in qnet.export(args.out, fp32_reference=args.with_fp32_reference):
         print('wrote %s (%.1f KB)' % (path, os.path.getsize(path) / 1024.0))
 
 
@@ -106,6 +107,23 @@ def cmd_bench(args):
         print('| %s | %.2f | %.1f |' % (name, result['latency_ms'][name], result['throughput'][name]))
 
 
+def cmd_report(args):
+    import gluon_int8
+    qnet = gluon_int8.load(args.prefix)
+    if not os.path.isfile(args.data):
+        raise ValueError('--data: no such file %r' % args.data)
+    loaded = np.load(args.data)
+    data = loaded[loaded.files[0]] if hasattr(loaded, 'files') else loaded
+    report = qnet.report(_batches(data, args.batch_size), num_batches=args.num_batches)
+    print(report.table())
+    if args.json:
+        report.to_json(args.json)
+        print('wrote %s' % args.json)
+    if args.png:
+        report.save_png(args.png, title='%s: INT8 vs FP32 per layer' % args.prefix)
+        print('wrote %s' % args.png)
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog='gluon-int8', description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest='command', required=True)
@@ -128,6 +146,8 @@ def build_parser():
     q.add_argument('--calib-table', help='save the table here (or reuse it without data)')
     q.add_argument('--out', required=True, help='export prefix of the INT8 model')
     q.add_argument('--quiet', action='store_true', help='no progress bar')
+    q.add_argument('--with-fp32-reference', action='store_true',
+                   help="also export the FP32 values 'gluon-int8 report' compares against")
     q.set_defaults(func=cmd_quantize)
     b = sub.add_parser('bench', help='latency and throughput of FP32 base, fused and INT8')
     src = b.add_mutually_exclusive_group(required=True)
@@ -139,6 +159,16 @@ def build_parser():
     b.add_argument('--runs', type=int, default=10)
     b.add_argument('--latency-runs', type=int, default=50)
     b.set_defaults(func=cmd_bench)
+    r = sub.add_parser('report', help='per-layer error (SQNR, cosine) of an INT8 export '
+                                      'against its FP32 graph on data (export it with '
+                                      '--with-fp32-reference)')
+    r.add_argument('prefix')
+    r.add_argument('--data', required=True, help='.npy/.npz file of float32 input batches')
+    r.add_argument('--batch-size', type=int, default=32)
+    r.add_argument('--num-batches', type=int, default=None)
+    r.add_argument('--json', help='also write the report as JSON here')
+    r.add_argument('--png', help='also write a bar chart of the SQNR per layer here')
+    r.set_defaults(func=cmd_report)
     i = sub.add_parser('info', help='show the layers and ranges of an INT8 export')
     i.add_argument('prefix')
     i.set_defaults(func=cmd_info)

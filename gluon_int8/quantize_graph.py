@@ -128,14 +128,25 @@ def quantize_symbol(symbol: mx.sym.Symbol, excluded_names: Sequence[str],
     return mx.sym.Symbol(out), layers
 
 
-def quantize_node_inputs(qsym: mx.sym.Symbol) -> List[str]:
-    """Names of the outputs that feed a quantize node (FP32 -> INT8 boundaries)."""
-    internals = qsym.get_internals()
-    output_name, seen = {}, {}
+def graph_outputs(symbol: mx.sym.Symbol) -> List[Tuple[str, int, str]]:
+    """``(node name, output index, output name)`` of every output in ``symbol``.
+
+    Op hooks report an output by its name when the op names its outputs, else as
+    ``<node>_<index>``; calibration tables use the output name.
+    """
+    internals = symbol.get_internals()
+    seen: Dict[str, int] = {}
+    rows = []
     for i, out_name in enumerate(internals.list_outputs()):
         node = internals[i].name
         seen[node] = seen.get(node, -1) + 1
-        output_name[(node, seen[node])] = out_name
+        rows.append((node, seen[node], out_name))
+    return rows
+
+
+def quantize_node_inputs(qsym: mx.sym.Symbol) -> List[str]:
+    """Names of the outputs that feed a quantize node (FP32 -> INT8 boundaries)."""
+    output_name = {(node, idx): out for node, idx, out in graph_outputs(qsym)}
     nodes = json.loads(qsym.tojson())['nodes']
     names = []
     for node in nodes:

@@ -8,7 +8,7 @@ import pytest
 
 import gluon_int8
 from gluon_int8.collectors import Collector, LayerStats
-from conftest import (ConvBNSum, PoolBlock, TwoInputs, as_list, cosine, make_net)
+from conftest import (ConvBNSum, PoolBlock, TwoInputs, as_list, cosine, make_net, node_ops)
 
 
 @pytest.fixture
@@ -125,12 +125,17 @@ def test_custom_collector_ranges_are_used(pool_net):
     assert qnet.calib_table.mode == 'custom'
 
 
-@pytest.mark.parametrize('dtype', ['int8', 'auto'])
-def test_quantized_dtype_controls_signedness(pool_net, dtype):
+@pytest.mark.parametrize('dtype', ['int8', 'uint8', 'auto'])
+def test_quantized_dtype_sets_the_quantize_nodes(pool_net, dtype):
     net, data = pool_net
-    ranges = gluon_int8.quantize_net(net, data[:32], quantized_dtype=dtype).calib_table.ranges
-    unsigned = [n for n, (lo, _) in ranges.items() if lo == 0]
-    assert bool(unsigned) == (dtype == 'auto')  # ReLU outputs go uint8 only under auto
+    qnet = gluon_int8.quantize_net(net, data[:32], quantized_dtype=dtype)
+    quantize_nodes = [attrs for op, _, attrs in node_ops(qnet._cached_graph[1])
+                      if op == '_contrib_quantize_v2']
+    assert quantize_nodes and all(a['out_type'] == dtype for a in quantize_nodes)
+    # uint8 clips the negative input pixels at the data quantize node, by request
+    assert cosine(qnet(data), net(data)) > (0.9 if dtype == 'uint8' else 0.99)
+    # ReLU outputs keep a non-negative range whatever the dtype (fused convs emit uint8)
+    assert any(lo == 0 for lo, _ in qnet.calib_table.ranges.values())
 
 
 def test_load_restores_table_and_summary(pool_net, tmp_path):

@@ -1,0 +1,424 @@
+"""Per-layer report: how far each layer's INT8 output is from its FP32 output.
+
+Both graphs run over the same data with op hooks (``register_op_hook``, as calibration
+does): the fused FP32 graph that calibration ran (kept by ``quantize_net`` as
+:class:`FP32Graph`) and the INT8 graph. Layers are matched by name: the INT8 pass names
+a quantized fused node ``quantized_<fp32 node name>``; its outputs 0, 1, 2 are the
+int8/uint8 data and the real ``min``/``max`` they stand for, so the data is dequantized
+as ``q * max(|min|, |max|) / 127.5`` (int8) or ``/ 255.5`` (uint8): MXNet 1.9.1's oneDNN
+kernels (quantize, requantize, dequantize) all scale by ``kInt8Range = 127.5`` and
+``kUint8Range = 255.5``, not 127 and 255 (checked: its dequantize node agrees with this
+to 1e-7, and is 0.4% off the /127 version). A layer that stays FP32 keeps its name and
+is compared as it is (its error is what reaches it from upstream).
+
+Per layer the sums ``sum r^2``, ``sum (r - q)^2``, ``sum r q`` and ``sum q^2`` are
+accumulated over the batches in float64, streaming: per batch the INT8 outputs are kept
+(mostly 1 byte per value) and each FP32 output is compared as its hook fires, giving
+
+* SQNR in dB: ``10 log10(sum r^2 / sum (r - q)^2)`` (infinite when the outputs agree);
+* cosine: ``sum r q / sqrt(sum r^2 sum q^2)``.
+
+The hooks need a graph run *without* ``static_alloc``: a static CachedOp bulks ops
+together and reports only a few of their outputs, so both graphs are rebuilt here as
+plain hybridized SymbolBlocks.
+"""
+import ctypes
+import dataclasses
+import json
+import logging
+import math
+import warnings
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Tuple
+
+import mxnet as mx
+import numpy as np
+from mxnet.base import NDArrayHandle, py_str
+
+from .data import Batch, iter_batches
+from .quantize_graph import graph_outputs
+from .table import atomic_write_text
+from .trace import build_symbol_block
+
+log = logging.getLogger(__name__)
+
+REPORT_VERSION = 1
+# the code that max(|min|, |max|) maps to, per dtype (MXNet's kInt8Range, kUint8Range,
+# kInt32Range)
+LEVELS = {np.dtype(np.int8): 127.5, np.dtype(np.uint8): 255.5, np.dtype(np.int32): 2147483647.0}
+SHORT_DTYPES = {'int8': 's8', 'uint8': 'u8', 'int32': 's32', 'float32': 'f32'}
+WEIGHT_OPS = ('_sg_mkldnn_conv', '_sg_mkldnn_fully_connected')
+
+
+@dataclasses.dataclass
+class FP32Graph:
+    """The fused FP32 graph an INT8 graph was made from (what calibration ran).
+
+    ``params`` holds copies of the FP32 values the INT8 block does not hold itself (FC
+    weights replaced by int8 copies, weights rounded through int8); every other input
+    of ``symbol`` is read from the INT8 block's own parameters.
+    """
+    symbol: mx.sym.Symbol
+    params: Dict[str, mx.nd.NDArray]
+
+
+def fp32_reference(fused: mx.sym.Symbol, arg_params: Mapping[str, mx.nd.NDArray],
+                   int8_values: Mapping[str, mx.nd.NDArray]) -> FP32Graph:
+    """The :class:`FP32Graph` of ``fused``: copies of its FP32 arguments that the INT8
+    block's values (``int8_values``) lack or replaced; never aliases of the user's arrays.
+
+    Auxiliary states need no copy: the INT8 block holds them unchanged.
+    """
+    needed = set(fused.list_arguments())
+    own = {name: value.copy() for name, value in arg_params.items()
+           if name in needed and int8_values.get(name) is not value}
+    return FP32Graph(fused, own)
+
+
+@dataclasses.dataclass
+class LayerRow:
+    """One layer of the report."""
+    name: str
+    op: str
+    dtype: str                  # 'int8' or 'fp32': how the layer runs
+    out: str                    # dtype of its output in the INT8 graph: u8, s8, s32, f32
+    granularity: str            # weight scales: 'channel', 'tensor', or '-' (no weights)
+    threshold: Optional[float]  # max(|lo|, |hi|) of the quantization range
+    range: Optional[Tuple[float, float]]     # calibration table: quantization range
+    observed: Optional[Tuple[float, float]]  # calibration table: calibrated min/max
+    sqnr_db: Optional[float]    # None: the layer's output was not observed
+    cosine: Optional[float]
+    reason: str = ''            # why it stays FP32
+
+    def to_dict(self) -> dict:
+        row = dataclasses.asdict(self)
+        if self.sqnr_db is not None and math.isinf(self.sqnr_db):
+            row['sqnr_db'] = str(self.sqnr_db)  # 'inf' / '-inf': JSON has no infinity
+        return row
+
+    @classmethod
+    def from_dict(cls, row: dict) -> 'LayerRow':
+        values = dict(row)
+        for key in ('range', 'observed'):
+            if values.get(key) is not None:
+                values[key] = tuple(values[key])
+        if isinstance(values.get('sqnr_db'), str):
+            values['sqnr_db'] = float(values['sqnr_db'])
+        return cls(**values)
+
+
+@dataclasses.dataclass
+class Report:
+    """The per-layer report: rows in graph order, and the data it was measured on."""
+    rows: List[LayerRow]
+    num_batches: int
+    num_examples: int
+
+    def to_dict(self) -> dict:
+        return {'format_version': REPORT_VERSION, 'num_batches': self.num_batches,
+                'num_examples': self.num_examples, 'layers': [r.to_dict() for r in self.rows]}
+
+    def to_json(self, path: Optional[str] = None) -> str:
+        """The report as JSON text; also written to ``path`` when given."""
+        text = json.dumps(self.to_dict(), indent=1)
+        if path is not None:
+            atomic_write_text(path, text)
+        return text
+
+    @classmethod
+    def from_dict(cls, data: dict) -> 'Report':
+        if not isinstance(data, dict) or data.get('format_version') != REPORT_VERSION:
+            raise ValueError('report: not a gluon-int8 report (format_version %r, expected %d)'
+                             % (data.get('format_version') if isinstance(data, dict) else None,
+                                REPORT_VERSION))
+        return cls([LayerRow.from_dict(r) for r in data['layers']], data['num_batches'],
+                   data['num_examples'])
+
+    def table(self) -> str:
+        """The report as a plain-text table."""
+        width = max([len(r.name) for r in self.rows] + [5])
+        head = '%-*s  %-27s %-5s %-4s %-7s %10s  %-21s %-21s %8s %8s  %s' % (
+            width, 'layer', 'op', 'runs', 'out', 'weights', 'threshold', 'range', 'observed',
+            'SQNR dB', 'cosine', 'why FP32')
+        lines = [head] + [_table_line(r, width) for r in self.rows]
+        lines.append('(%d examples in %d batches)' % (self.num_examples, self.num_batches))
+        return '\n'.join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+    def save_png(self, path: str, title: Optional[str] = None) -> str:
+        """A bar chart of the SQNR of every layer (FP32 layers hatched grey) as PNG."""
+        _plot(self.rows, path, title or 'INT8 vs FP32 per layer (%d examples)'
+              % self.num_examples)
+        return path
+
+
+def _fmt(value, spec: str, missing: str = '-') -> str:
+    if value is None:
+        return missing
+    if isinstance(value, tuple):
+        return '[%s, %s]' % (format(value[0], spec), format(value[1], spec))
+    return format(value, spec)
+
+
+def _table_line(r: LayerRow, width: int) -> str:
+    return '%-*s  %-27s %-5s %-4s %-7s %10s  %-21s %-21s %8s %8s  %s' % (
+        width, r.name, r.op, r.dtype, r.out, r.granularity, _fmt(r.threshold, '.4g'),
+        _fmt(r.range, '.4g'), _fmt(r.observed, '.4g'), _fmt(r.sqnr_db, '.2f'),
+        _fmt(r.cosine, '.5f'), r.reason)
+
+
+def _plot(rows: List[LayerRow], path: str, title: str) -> None:
+    """Horizontal bars, one per layer; infinite SQNR drawn at the axis end."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as err:
+        raise ImportError('save_png needs matplotlib (pip install matplotlib)') from err
+    finite = [r.sqnr_db for r in rows if r.sqnr_db is not None and math.isfinite(r.sqnr_db)]
+    cap = max(finite + [10.0]) * 1.15
+    fig = Figure(figsize=(9, 1.2 + 0.3 * len(rows)))
+    FigureCanvasAgg(fig)  # Agg canvas: no pyplot, no global backend switch
+    ax = fig.add_subplot(1, 1, 1)
+    ys = np.arange(len(rows))[::-1]
+    for y, r in zip(ys, rows):
+        value = 0.0 if r.sqnr_db is None else min(r.sqnr_db, cap)
+        fp32 = r.dtype == 'fp32'
+        ax.barh(y, value, color='#bbbbbb' if fp32 else '#3b75af', hatch='//' if fp32 else None,
+                edgecolor='#555555')
+        note = 'FP32: %s' % r.reason if fp32 else ''
+        note = ('inf  ' + note) if r.sqnr_db is not None and math.isinf(r.sqnr_db) else note
+        if note:
+            ax.text(value, y, ' ' + note, va='center', fontsize=7)
+    longest = max([len(r.reason) for r in rows if r.dtype == 'fp32'] + [0])
+    ax.set_xlim(0, cap * (1.0 + 0.012 * (longest + 12 if longest else 0)))  # room for notes
+    ax.set_yticks(ys)
+    ax.set_yticklabels([r.name for r in rows], fontsize=7)
+    ax.set_xlabel('SQNR of the layer output vs FP32 (dB, higher is better)')
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, format='png', dpi=100)
+
+
+class _Hook:
+    """Op hook handing each wanted output, as a numpy copy, to ``sink(key, array)``."""
+
+    def __init__(self, mapping: Dict[str, Tuple[str, int]]):
+        self.mapping = mapping
+        self.sink: Callable[[Tuple[str, int], np.ndarray], None] = lambda key, arr: None
+        self.error: Optional[Exception] = None
+
+    def __call__(self, name, op_name, handle):
+        key = self.mapping.get(py_str(name))
+        if key is None or self.error is not None:
+            return
+        try:
+            self.sink(key, mx.nd.NDArray(ctypes.cast(handle, NDArrayHandle),
+                                         writable=False).asnumpy())
+        except Exception as err:  # noqa: BLE001 - must not escape into the C callback
+            self.error = err
+
+
+def output_keys(symbol: mx.sym.Symbol, nodes: Iterable[str]) -> Dict[str, Tuple[str, int]]:
+    """Map every name an op hook may report for an output of ``nodes`` to (node, index)."""
+    wanted = set(nodes)
+    mapping: Dict[str, Tuple[str, int]] = {}
+    for node, idx, out_name in graph_outputs(symbol):
+        if node in wanted:
+            mapping[out_name] = mapping['%s_%d' % (node, idx)] = (node, idx)
+    return mapping
+
+
+def first_outputs(symbol: mx.sym.Symbol) -> Dict[str, str]:
+    """Node name -> the name of its output 0 (the name calibration tables use)."""
+    return {node: out_name for node, idx, out_name in graph_outputs(symbol) if idx == 0}
+
+
+class _Runner:
+    """One graph as a plain hybridized SymbolBlock with an op hook on ``nodes``."""
+
+    def __init__(self, symbol, data_names, values, nodes):
+        self.block = build_symbol_block(symbol, data_names, values, {})
+        self.block.hybridize()
+        self.hook = _Hook(output_keys(symbol, nodes))
+        self.block.register_op_hook(self.hook, monitor_all=False)
+
+    def run(self, batch: Batch, sink: Callable[[Tuple[str, int], np.ndarray], None]) -> None:
+        """Run one batch, handing every hooked output to ``sink``."""
+        self.hook.sink, self.hook.error = sink, None
+        try:
+            with warnings.catch_warnings():
+                # gluon warns on every call that op hooks are "experimental" with
+                # static_alloc, even when it is off
+                warnings.simplefilter('ignore', UserWarning)
+                outputs = self.block(*batch)
+            for out in outputs if isinstance(outputs, (list, tuple)) else [outputs]:
+                out.wait_to_read()
+        except mx.base.MXNetError as err:
+            raise ValueError('data: a batch with shapes %s does not fit the network: %s'
+                             % ([tuple(b.shape) for b in batch],
+                                str(err).strip().splitlines()[0])) from err
+        if self.hook.error is not None:
+            raise self.hook.error
+
+
+def dequantized(arrays: Mapping[Tuple[str, int], np.ndarray], node: str) -> Optional[np.ndarray]:
+    """The real-valued output 0 of ``node`` in the INT8 graph (None if not seen)."""
+    data = arrays.get((node, 0))
+    if data is None or data.dtype not in LEVELS:
+        return data
+    lo, hi = arrays.get((node, 1)), arrays.get((node, 2))
+    if lo is None or hi is None:
+        raise RuntimeError('report: INT8 node %r reported no min/max outputs' % node)
+    scale = max(abs(float(lo.ravel()[0])), abs(float(hi.ravel()[0]))) / LEVELS[data.dtype]
+    return data.astype(np.float64) * scale
+
+
+class _Sums:
+    """Streaming sums for SQNR and cosine of one layer."""
+
+    def __init__(self):
+        self.ref2 = self.err2 = self.dot = self.q2 = 0.0
+
+    def add(self, ref: np.ndarray, q: np.ndarray) -> None:
+        r, q = ref.astype(np.float64).ravel(), q.astype(np.float64).ravel()
+        diff = r - q
+        self.ref2 += float(r @ r)
+        self.err2 += float(diff @ diff)
+        self.dot += float(r @ q)
+        self.q2 += float(q @ q)
+
+    def sqnr_db(self) -> float:
+        if self.err2 == 0.0:
+            return math.inf
+        if self.ref2 == 0.0:
+            return -math.inf
+        return 10.0 * math.log10(self.ref2 / self.err2)
+
+    def cosine(self) -> float:
+        norm = math.sqrt(self.ref2 * self.q2)
+        if norm == 0.0:
+            return 1.0 if self.ref2 == self.q2 else 0.0
+        return self.dot / norm
+
+
+def _int8_node(arrays, name: str) -> str:
+    quantized = 'quantized_' + name
+    return quantized if (quantized, 0) in arrays else name
+
+
+class _Comparison:
+    """Per-layer sums over the batches. For each batch the INT8 graph runs first and
+    its outputs are kept as they come (int8/uint8: a quarter of FP32); then each FP32
+    output is compared as soon as the hook sees it and dropped, so at most one FP32
+    activation is held at a time."""
+
+    def __init__(self):
+        self.sums: Dict[str, _Sums] = {}
+        self.out_dtypes: Dict[str, str] = {}
+        self.int8: Dict[Tuple[str, int], np.ndarray] = {}
+
+    def keep_int8(self, key: Tuple[str, int], array: np.ndarray) -> None:
+        self.int8[key] = array
+
+    def compare(self, key: Tuple[str, int], ref: np.ndarray) -> None:
+        name, index = key
+        node = _int8_node(self.int8, name)
+        value = dequantized(self.int8, node) if index == 0 else None
+        if value is None:
+            return
+        if ref.size != value.size:
+            raise RuntimeError('report: layer %r has %d FP32 values but %d INT8 values'
+                               % (name, ref.size, value.size))
+        dtype = str(self.int8[(node, 0)].dtype)
+        self.out_dtypes[name] = SHORT_DTYPES.get(dtype, dtype)
+        self.sums.setdefault(name, _Sums()).add(ref, value)
+
+
+def _granularities(int8_symbol: mx.sym.Symbol) -> Dict[str, str]:
+    """Fused node name -> weight scale granularity of its INT8 node.
+
+    oneDNN's quantized conv always scales weights per output channel (its
+    ``weight_channelwise_scale`` defaults to true); the quantized FC is per channel only
+    when the pass set ``channel_wise_quantize``.
+    """
+    found = {}
+    for node in json.loads(int8_symbol.tojson())['nodes']:
+        if node['op'] not in WEIGHT_OPS or not node['name'].startswith('quantized_'):
+            continue
+        attrs = {k: str(v).lower() for k, v in node.get('attrs', {}).items()}
+        if node['op'] == '_sg_mkldnn_conv':
+            channel = attrs.get('weight_channelwise_scale', 'true') == 'true'
+        else:
+            channel = attrs.get('channel_wise_quantize', 'false') == 'true'
+        found[node['name'][len('quantized_'):]] = 'channel' if channel else 'tensor'
+    return found
+
+
+def _row(layer, sums: Optional[_Sums], out: str, granularity: str, table, out_name) -> LayerRow:
+    rng = table.ranges.get(out_name) if table is not None else None
+    observed = table.observed.get(out_name) if table is not None and rng is not None else None
+    return LayerRow(
+        name=layer.name, op=layer.op, dtype=layer.dtype,
+        out=out if layer.dtype == 'int8' else 'f32', granularity=granularity,
+        threshold=max(abs(rng[0]), abs(rng[1])) if rng is not None else None,
+        range=tuple(rng) if rng is not None else None,
+        observed=tuple(observed) if observed is not None else None,
+        sqnr_db=sums.sqnr_db() if sums is not None else None,
+        cosine=sums.cosine() if sums is not None else None, reason=layer.reason)
+
+
+def _check_count(param: str, value) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError('%s: got %r; expected a positive int or None' % (param, value))
+
+
+def _batches(data, num_inputs: int, num_batches, num_examples):
+    """The batches of ``data``; errors name ``data`` (the shared reader says calib_data)."""
+    try:
+        yield from iter_batches(data, num_inputs, num_batches, num_examples)
+    except (ValueError, TypeError) as err:
+        text = str(err)
+        if text.startswith('calib_data'):
+            raise type(err)('data' + text[len('calib_data'):]) from err
+        raise
+
+
+def layer_report(qnet, data, num_batches: Optional[int] = None,
+                 num_examples: Optional[int] = None) -> Report:
+    """Run ``qnet`` (a QuantizedBlock) and its FP32 graph over ``data``; one row per layer.
+
+    ``data`` takes every form ``calib_data`` does; ``num_batches``/``num_examples`` stop early.
+    """
+    _check_count('num_batches', num_batches)
+    _check_count('num_examples', num_examples)
+    if getattr(qnet, 'fp32_graph', None) is None:
+        raise ValueError('qnet: this QuantizedBlock carries no FP32 graph to compare with '
+                         '(it was exported without it, or by an older gluon-int8); '
+                         'quantize the FP32 network again to get a report')
+    data_names = [s.name for s in qnet._cached_graph[0]]
+    values = {p.name: p.data() for p in qnet.collect_params().values()}
+    fp32_values = dict(values)
+    fp32_values.update(qnet.fp32_graph.params)
+    names = [layer.name for layer in qnet.layers]
+    int8_symbol = qnet._cached_graph[1]
+    ref_run = _Runner(qnet.fp32_graph.symbol, data_names, fp32_values, names)
+    int8_run = _Runner(int8_symbol, data_names, values,
+                       names + ['quantized_' + n for n in names])
+    comparison = _Comparison()
+    count = examples = 0
+    for batch in _batches(data, len(data_names), num_batches, num_examples):
+        comparison.int8 = {}
+        int8_run.run(batch, comparison.keep_int8)
+        ref_run.run(batch, comparison.compare)
+        count, examples = count + 1, examples + batch[0].shape[0]
+    outputs, grans = first_outputs(qnet.fp32_graph.symbol), _granularities(int8_symbol)
+    rows = [_row(layer, comparison.sums.get(layer.name),
+                 comparison.out_dtypes.get(layer.name, '-'), grans.get(layer.name, '-'),
+                 qnet.calib_table, outputs.get(layer.name))
+            for layer in qnet.layers]
+    missing = [r.name for r in rows if r.sqnr_db is None]
+    if missing:
+        log.warning('report: no output seen for layers %s', missing)
+    log.info('report over %d examples in %d batches: %d layers', examples, count, len(rows))
+    return Report(rows, count, examples)

@@ -19,7 +19,7 @@ from . import fuse as fuse_stage
 from . import weights
 from .block import QuantizedBlock
 from .calibrate import collect_statistics, make_table
-from .collectors import Collector, HistogramCollector, MinMaxCollector
+from .collectors import DEFAULT_NUM_BINS, Collector, HistogramCollector, MinMaxCollector
 from .data import iter_batches
 from .quantize_graph import (GRANULARITIES, graph_nodes, quantize_node_inputs,
                              quantize_offline_params, quantize_symbol, resolve_exclusions,
@@ -104,7 +104,7 @@ def _mode(value) -> Union[str, Collector]:
 def validate(mode='entropy', quantized_dtype='auto', granularity='tensor', quantize_mode='full',
              exclude_layers=None, exclude_layers_match=None, exclude_operators=None,
              num_calib_batches=None, num_calib_examples=None, percentile=99.99,
-             num_bins=2048) -> Options:
+             num_bins=DEFAULT_NUM_BINS) -> Options:
     """Check every option once; errors name the parameter, the value and what is allowed."""
     if isinstance(percentile, bool) or not isinstance(percentile, (int, float)) \
             or not 0 < percentile <= 100:
@@ -126,7 +126,7 @@ def quantize_net(block: HybridBlock, calib_data=None, mode='entropy', *,
                  quantize_mode: str = 'full', exclude_layers=None, exclude_layers_match=None,
                  exclude_operators=None, num_calib_batches: Optional[int] = None,
                  num_calib_examples: Optional[int] = None, percentile: float = 99.99,
-                 num_bins: int = 2048, calib_table=None, progress: bool = False) -> QuantizedBlock:
+                 num_bins: int = DEFAULT_NUM_BINS, calib_table=None, progress: bool = False) -> QuantizedBlock:
     """Quantize a Gluon HybridBlock to INT8 and return a drop-in ``QuantizedBlock``.
 
     Parameters

@@ -116,13 +116,20 @@ class _RunningHistogram:
         self.counts += counts * weight
 
 
+DEFAULT_NUM_BINS = 1024
+
+
 class HistogramCollector(Collector):
     """Exact min/max plus a running histogram of |x| per layer.
 
     Parameters
     ----------
     num_bins : int
-        Bins of the |x| histogram (TensorRT uses 2048).
+        Bins of the |x| histogram. The KL search counts spreading a level over the bins
+        it spans as information lost, so more bins per level push the entropy threshold
+        down: with 8192 bins our Fashion-MNIST ResNet lost 7.9 points of top-1, with 2048
+        (TensorRT's count, which it pairs with 128 levels) 0.5, with 1024 0.17 (3000 test
+        images; MobileNet 0.3 / 0.0, Inception 0.17 / 0.1). Hence 1024.
     max_samples : int or None
         Histogram at most this many elements of one output per batch: a fixed stride over
         the flattened tensor, each taken element weighted by the stride. Min and max stay
@@ -130,7 +137,7 @@ class HistogramCollector(Collector):
         element on one core, against 0.3 ns for min/max).
     """
 
-    def __init__(self, num_bins: int = 2048, max_samples: Optional[int] = 1 << 20):
+    def __init__(self, num_bins: int = DEFAULT_NUM_BINS, max_samples: Optional[int] = 1 << 20):
         if num_bins < 256:
             raise ValueError('num_bins: got %r; need at least 256 to resolve 255 uint8 '
                              'levels' % (num_bins,))

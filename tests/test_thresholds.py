@@ -161,9 +161,22 @@ def test_entropy_agrees_with_mxnet_builtin_search(kind):
     hist, edges = np.histogram(values, bins=8001, range=(-peak, peak))
     reference = float(_get_optimal_threshold((hist, edges, values.min(), values.max(), peak),
                                              'auto')[2])
-    ours = entropy_threshold(stats_of(values), 255 if values.min() >= 0 else 127)
+    levels = 255 if values.min() >= 0 else 127
+    ours = entropy_threshold(stats_of(values), levels, tie_margin=0.0)  # the plain argmin
     assert ours == pytest.approx(reference, rel=0.15)
     assert ours < peak
+
+
+def test_entropy_tie_margin_takes_the_largest_near_minimal_threshold():
+    rng = np.random.RandomState(7)
+    stats = stats_of(np.maximum(rng.laplace(size=200000), 0).astype(np.float32))
+    thresholds, divergence = kl_curve(stats, 255)
+    plain = entropy_threshold(stats, 255, tie_margin=0.0)
+    tied = entropy_threshold(stats, 255)  # default 5% margin
+    assert plain <= tied <= stats.max
+    chosen = divergence[np.searchsorted(thresholds, tied - 1e-9)]
+    assert chosen <= divergence.min() * 1.05
+    assert not (divergence[thresholds > tied + 1e-9] <= divergence.min() * 1.05).any()
 
 
 def test_thresholds_never_exceed_the_observed_peak():

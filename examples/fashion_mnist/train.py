@@ -62,7 +62,11 @@ def train_one(name, args, train_u8, train_labels, test_x, test_y):
     num = len(train_labels)
     batches = num // args.batch_size  # drop the last partial batch
     total_steps = epochs * batches
-    warmup = min(batches, 200)
+    if total_steps < 1:
+        raise ValueError("need at least one batch of %d training images"
+                         % args.batch_size)
+    # 200 warm-up steps for the full data set; fewer for tiny debug runs
+    warmup = min(200, total_steps // 10)
     schedule = mx.lr_scheduler.CosineScheduler(
         max_update=total_steps, base_lr=args.lr, final_lr=0.0,
         warmup_steps=warmup, warmup_begin_lr=args.lr * 0.1)

@@ -110,10 +110,8 @@ class _RunningHistogram:
         magnitude = np.abs(sample) if lo < 0 else sample
         idx = (magnitude * (num_bins / self.hist_max)).astype(np.int32)
         np.minimum(idx, num_bins - 1, out=idx)
-        counts = np.bincount(idx.ravel(), minlength=num_bins)
-        if counts[0]:
-            self.zeros += np.count_nonzero(magnitude[idx == 0] == 0) * weight
-        self.counts += counts * weight
+        self.counts += np.bincount(idx.ravel(), minlength=num_bins) * weight
+        self.zeros += (sample.size - np.count_nonzero(sample)) * weight
 
 
 DEFAULT_NUM_BINS = 1024

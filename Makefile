@@ -9,7 +9,7 @@ PEER_ARGS ?=
 THREADS ?= 2
 export OMP_NUM_THREADS := $(THREADS)
 
-.PHONY: demo test bench-calibration peers clean clean-peers
+.PHONY: demo test bench-calibration bench-accuracy bench-seed bench-sweep peers clean clean-peers
 
 .venv/.installed: requirements.txt requirements-test.txt setup.cfg setup.py
 	python3 -m venv .venv
@@ -25,7 +25,18 @@ test: .venv/.installed
 	$(PY) -m pytest -q
 
 bench-calibration: .venv/.installed
-	$(PY) benchmarks/calibration.py
+	$(PY) benchmarks/calibration.py --repeat 3
+
+bench-accuracy: .venv/.installed
+	$(PY) benchmarks/accuracy.py
+
+# MXNet rows with the engine/thread settings of gluon_int8.bench.RECOMMENDED_ENV
+bench-seed: .venv/.installed
+	MXNET_ENGINE_TYPE=NaiveEngine KMP_AFFINITY=granularity=fine,compact,1,0 KMP_BLOCKTIME=1 \
+	  $(PY) benchmarks/seed_table.py --runs 5 --latency-runs 30
+
+bench-sweep: .venv/.installed
+	$(PY) benchmarks/zoo_sweep.py
 
 # the exporter half runs in .venv (MXNet), which needs the onnx package for it
 .venv/.onnx-installed: .venv/.installed requirements-export.txt

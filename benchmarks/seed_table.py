@@ -8,7 +8,9 @@ the same run. Latency at batch 1 and throughput at batch 64 (SSD: --ssd-batch, d
 16), medians over repeated runs after warm-up, every engine in this one process with the
 same OMP_NUM_THREADS.
 
-    OMP_NUM_THREADS=2 python benchmarks/seed_table.py [--models resnet50_v1,...] [--quick]
+    OMP_NUM_THREADS=2 MXNET_ENGINE_TYPE=NaiveEngine KMP_AFFINITY=granularity=fine,compact,1,0 \
+        KMP_BLOCKTIME=1 python benchmarks/seed_table.py [--models resnet50_v1,...]
+    (the settings of gluon_int8.bench.RECOMMENDED_ENV; every MXNet row runs with them)
 
 Writes results/seed_table.json, results/seed_table.md and results/seed_table_*.png
 (speedup from fusion, speedup from quantization, latency: the article's figures 5-7).
@@ -67,8 +69,8 @@ def print_result(variant, latency, images_per_s):
 
 
 def markdown(rows, threads):
-    lines = ['OMP_NUM_THREADS=%s; latency at batch 1 (ms), throughput (img/s) at the batch shown; '
-             'medians after warm-up' % threads, '',
+    lines = ['%s; latency at batch 1 (ms), throughput (img/s) at the batch shown; medians after '
+             'warm-up' % ' '.join('%s=%s' % kv for kv in bench.environment().items()), '',
              '| Model | Shape | BS | Metric | Base | Fusion | Fusion+Quant | Speedup (INT8/Fusion) '
              '| Speedup (INT8/Base) | built-in INT8 |', '|---|---|---|---|---|---|---|---|---|---|']
     for r in rows:
@@ -146,7 +148,8 @@ def main():
     print('\n' + table)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, 'seed_table.json'), 'w') as f:
-        json.dump({'omp_num_threads': bench.omp_threads(), 'rows': rows}, f, indent=1)
+        json.dump({'omp_num_threads': bench.omp_threads(), 'environment': bench.environment(),
+                   'rows': rows}, f, indent=1)
     with open(os.path.join(args.out, 'seed_table.md'), 'w') as f:
         f.write(table + '\n')
     for path in plots(rows, args.out):

@@ -99,7 +99,12 @@ def cmd_bench(args):
     else:
         shape = args.input_shape or (3, 224, 224)
         blocks, title = {'int8': gluon_int8.load(args.prefix)}, args.prefix
-    print('%s, input %s, OMP_NUM_THREADS=%s' % (title, 'x'.join(map(str, shape)), bench.omp_threads()))
+    print('%s, input %s, %s' % (title, 'x'.join(map(str, shape)),
+                                ' '.join('%s=%s' % kv for kv in bench.environment().items())))
+    missing = bench.missing_recommendations()
+    if missing:
+        print('note: INT8 serves fastest with %s set before the process starts'
+              % ' '.join('%s=%s' % kv for kv in missing.items()))
     result = bench.measure(blocks, shape, args.batch, args.runs, args.latency_runs)
     print('| variant | latency ms (batch 1) | img/s (batch %d) |' % args.batch)
     print('|---|---|---|')

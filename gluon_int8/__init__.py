@@ -4,7 +4,7 @@
     qnet(x)                      # INT8 inference, a drop-in for net(x)
     qnet.export('model/cq_net')  # cq_net-symbol.json + cq_net-0000.params (+ -quantization.json)
     qnet = gluon_int8.load('model/cq_net')
-    print(qnet.report(data))     # per-layer SQNR/cosine of INT8 vs FP32
+    qnet.report(data).table()    # per-layer SQNR/cosine of INT8 vs FP32
     result = gluon_int8.tune(net, calib_data, eval_fn, max_drop=0.005)  # accuracy-aware
 """
 from .api import quantize_net, MODES, QUANTIZED_DTYPES

@@ -188,6 +188,18 @@ def _conv_bn_relu(channels, in_channels, kernel=3, strides=1, groups=1,
     return seq
 
 
+class _Classifier(nn.HybridBlock):
+    """Common head: ``features`` (a HybridSequential) -> global pool -> flatten -> Dense."""
+
+    def _add_head(self, in_ch, classes):
+        self.features.add(nn.GlobalAvgPool2D())
+        self.features.add(nn.Flatten())
+        self.output = nn.Dense(classes, in_units=in_ch)
+
+    def hybrid_forward(self, F, x):  # pylint: disable=arguments-differ
+        return self.output(self.features(x))
+
+
 class BasicBlockV1(nn.HybridBlock):
     """ResNet-v1 basic block: two 3x3 Conv-BN, residual sum, then ReLU."""
 
@@ -208,7 +220,7 @@ class BasicBlockV1(nn.HybridBlock):
         return F.Activation(self.body(x) + residual, act_type="relu")
 
 
-class FashionResNet(nn.HybridBlock):
+class FashionResNet(_Classifier):
     """Small ResNet-v1 for 28x28 inputs: stem + 3 stages of 2 basic blocks."""
 
     def __init__(self, channels=(24, 48, 96), blocks=2, stem=16,
@@ -224,15 +236,10 @@ class FashionResNet(nn.HybridBlock):
                     strides = 2 if i == 0 else 1
                     self.features.add(BasicBlockV1(out_ch, in_ch, strides))
                     in_ch = out_ch
-            self.features.add(nn.GlobalAvgPool2D())
-            self.features.add(nn.Flatten())
-            self.output = nn.Dense(classes, in_units=in_ch)
-
-    def hybrid_forward(self, F, x):  # pylint: disable=arguments-differ
-        return self.output(self.features(x))
+            self._add_head(in_ch, classes)
 
 
-class FashionMobileNet(nn.HybridBlock):
+class FashionMobileNet(_Classifier):
     """Small MobileNet-v1: Conv-BN-ReLU stem then depthwise-separable units.
 
     Each unit is a depthwise 3x3 convolution (``groups=channels``) + BN + ReLU
@@ -253,12 +260,7 @@ class FashionMobileNet(nn.HybridBlock):
                                                 groups=in_ch))
                 self.features.add(_conv_bn_relu(out_ch, in_ch, 1, 1))
                 in_ch = out_ch
-            self.features.add(nn.GlobalAvgPool2D())
-            self.features.add(nn.Flatten())
-            self.output = nn.Dense(classes, in_units=in_ch)
-
-    def hybrid_forward(self, F, x):  # pylint: disable=arguments-differ
-        return self.output(self.features(x))
+            self._add_head(in_ch, classes)
 
 
 class InceptionBlock(nn.HybridBlock):
@@ -290,7 +292,7 @@ class InceptionBlock(nn.HybridBlock):
                         self.branch_pool(x), dim=1)
 
 
-class FashionInception(nn.HybridBlock):
+class FashionInception(_Classifier):
     """Small Inception network: stem, 4 inception blocks, max-pool reductions."""
 
     def __init__(self, classes=NUM_CLASSES, **kwargs):
@@ -308,12 +310,7 @@ class FashionInception(nn.HybridBlock):
             self.features.add(block)                                # -> 176
             block = InceptionBlock(block.out_channels, 64, 48, 80, 24, 48, 48)
             self.features.add(block)                                # -> 240
-            self.features.add(nn.GlobalAvgPool2D())
-            self.features.add(nn.Flatten())
-            self.output = nn.Dense(classes, in_units=block.out_channels)
-
-    def hybrid_forward(self, F, x):  # pylint: disable=arguments-differ
-        return self.output(self.features(x))
+            self._add_head(block.out_channels, classes)
 
 
 #: Model family name -> constructor.

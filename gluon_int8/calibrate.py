@@ -7,13 +7,13 @@ the collector, which keeps running statistics. Graph inputs that need a range (t
 through a threshold function (:mod:`gluon_int8.thresholds`) into a
 :class:`~gluon_int8.table.CalibrationTable`.
 
-Errors inside an op hook cannot propagate through MXNet's C callback, so the hook
-records the first one and :func:`collect_statistics` raises it after the forward pass.
+:class:`OpHook`, :func:`hooked_block` and :func:`run_hooked` are shared with the
+per-layer report (:mod:`gluon_int8.report`), which hooks two graphs the same way.
 """
 import ctypes
 import logging
 import warnings
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
 import mxnet as mx
 import numpy as np
@@ -39,69 +39,93 @@ def hook_names(symbol: mx.sym.Symbol, layers: Iterable[str]) -> Dict[str, str]:
     return mapping
 
 
-class _Hook:
-    """The op-hook callback: copies wanted outputs out once and feeds the collector."""
+class OpHook:
+    """An op-hook callback: each wanted output is copied out once, as numpy (the graph
+    reuses its memory right after), and handed to ``sink(key, op_name, array)``.
 
-    def __init__(self, collector: Collector, mapping: Dict[str, str]):
-        self.collector = collector
+    ``mapping`` maps the names hooks report to the caller's keys. Errors cannot cross
+    MXNet's C callback: the first one is kept and :func:`run_hooked` raises it.
+    """
+
+    def __init__(self, mapping: Dict[str, object], sink: Callable = None):
         self.mapping = mapping
-        self.batch_index = 0
+        self.sink = sink
         self.error: Optional[Exception] = None
 
-    def feed(self, layer: str, op_name: str, arr: np.ndarray) -> None:
-        if self.error is not None:
-            return
-        lo, hi = arr.min(), arr.max()
-        if not (np.isfinite(lo) and np.isfinite(hi)):
-            self.error = ValueError('calib_data: layer %r produced NaN or Inf on calibration '
-                                    'batch %d; check the input data and the weights feeding '
-                                    'that layer' % (layer, self.batch_index))
-            return
-        self.collector.collect(layer, op_name, arr)
-
     def __call__(self, name, op_name, handle):
-        layer = self.mapping.get(py_str(name))
-        if layer is None or self.error is not None:
+        key = self.mapping.get(py_str(name))
+        if key is None or self.error is not None:
             return
         try:
             arr = mx.nd.NDArray(ctypes.cast(handle, NDArrayHandle), writable=False).asnumpy()
-            self.feed(layer, py_str(op_name), arr)
+            self.sink(key, py_str(op_name), arr)
         except Exception as err:  # noqa: BLE001 - must not escape into the C callback
             self.error = err
+
+
+def hooked_block(symbol: mx.sym.Symbol, data_names: Sequence[str], values, hook: OpHook):
+    """A plain hybridized SymbolBlock (no static_alloc: a static CachedOp bulks ops and
+    reports only some outputs) running ``symbol`` with ``hook`` on every op output."""
+    block = build_symbol_block(symbol, data_names, values, {})
+    block.hybridize()
+    block.register_op_hook(hook, monitor_all=False)
+    return block
+
+
+def run_hooked(block, hook: OpHook, batch: Batch, param: str, index: int) -> None:
+    """One forward pass of a hooked block; a batch the network cannot take is reported
+    as batch ``index`` of the user's ``param``; an error inside the hook is raised."""
+    hook.error = None
+    try:
+        with warnings.catch_warnings():
+            # gluon warns on every call that op hooks are "experimental" with
+            # static_alloc, even when it is off
+            warnings.simplefilter('ignore', UserWarning)
+            outputs = block(*batch)
+        for out in outputs if isinstance(outputs, (list, tuple)) else [outputs]:
+            out.wait_to_read()
+    except mx.base.MXNetError as err:
+        raise ValueError('%s: batch %d with shapes %s does not fit the network: %s'
+                         % (param, index, [tuple(b.shape) for b in batch],
+                            str(err).strip().splitlines()[0])) from err
+    if hook.error is not None:
+        raise hook.error
+
+
+class _StatsSink:
+    """Feeds the collector after checking each output for NaN/Inf (naming the layer)."""
+
+    def __init__(self, collector: Collector):
+        self.collector = collector
+        self.batch_index = 0
+
+    def __call__(self, layer: str, op_name: str, arr: np.ndarray) -> None:
+        lo, hi = arr.min(), arr.max()
+        if not (np.isfinite(lo) and np.isfinite(hi)):
+            raise ValueError('calib_data: layer %r produced NaN or Inf on calibration batch '
+                             '%d; check the input data and the weights feeding that layer'
+                             % (layer, self.batch_index))
+        self.collector.collect_range(layer, op_name, arr, lo, hi)
 
 
 def collect_statistics(symbol: mx.sym.Symbol, data_names: Sequence[str], arg_params, aux_params,
                        layers: Sequence[str], batches: Iterable[Batch], collector: Collector,
                        progress: bool = False, total: Optional[int] = None) -> Dict[str, LayerStats]:
     """Run ``symbol`` (FP32) over ``batches`` and return the collector's statistics."""
-    block = build_symbol_block(symbol, data_names, arg_params, aux_params)
-    block.hybridize()
-    hook = _Hook(collector, hook_names(symbol, layers))
+    sink = _StatsSink(collector)
+    hook = OpHook(hook_names(symbol, layers), sink)
+    block = hooked_block(symbol, data_names, {**aux_params, **arg_params}, hook)
     input_layers = [(i, n) for i, n in enumerate(data_names) if n in set(layers)]
-    with warnings.catch_warnings():
-        # gluon warns that op hooks are "experimental" with static_alloc even when off
-        warnings.simplefilter('ignore', UserWarning)
-        block.register_op_hook(hook, monitor_all=False)
-        for batch in _progress(batches, progress, total):
-            for i, name in input_layers:
-                hook.feed(name, 'input', batch[i].asnumpy())
-            try:
-                outputs = block(*batch)
-                for out in outputs if isinstance(outputs, (list, tuple)) else [outputs]:
-                    out.wait_to_read()
-            except mx.base.MXNetError as err:
-                raise ValueError('calib_data: batch %d with shapes %s does not fit the '
-                                 'network: %s' % (hook.batch_index,
-                                                  [tuple(b.shape) for b in batch],
-                                                  str(err).strip().splitlines()[0])) from err
-            if hook.error is not None:
-                raise hook.error
-            hook.batch_index += 1
+    for batch in _progress(batches, progress, total):
+        for i, name in input_layers:
+            sink(name, 'input', batch[i].asnumpy())
+        run_hooked(block, hook, batch, 'calib_data', sink.batch_index)
+        sink.batch_index += 1
     stats = collector.finalize()
     missing = sorted(set(layers) - set(stats))
     if missing:
         raise RuntimeError('calibration saw no output of layers %s' % missing)
-    log.info('calibrated %d layer outputs over %d batches', len(layers), hook.batch_index)
+    log.info('calibrated %d layer outputs over %d batches', len(layers), sink.batch_index)
     return stats
 
 
@@ -147,4 +171,5 @@ def make_table(stats: Dict[str, LayerStats], mode: str, quantized_dtype: str,
     return CalibrationTable(ranges, mode, quantized_dtype, observed)
 
 
-__all__: List[str] = ['collect_statistics', 'make_table', 'hook_names']
+__all__: List[str] = ['collect_statistics', 'make_table', 'hook_names', 'OpHook', 'hooked_block',
+                      'run_hooked']

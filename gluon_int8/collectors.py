@@ -44,6 +44,12 @@ class Collector(abc.ABC):
     def finalize(self) -> Dict[str, LayerStats]:
         """Statistics of every layer seen so far."""
 
+    def collect_range(self, name: str, op_name: str, arr: np.ndarray, lo: float,
+                      hi: float) -> None:
+        """:meth:`collect` with ``arr``'s min and max already known (calibration computes
+        them to check for NaN/Inf); the built-in collectors skip their own pass."""
+        self.collect(name, op_name, arr)
+
 
 class MinMaxCollector(Collector):
     """Running min and max of every layer output (enough for ``mode='naive'``)."""
@@ -52,7 +58,10 @@ class MinMaxCollector(Collector):
         self._ranges: Dict[str, list] = {}
 
     def collect(self, name, op_name, arr):
-        lo, hi = float(arr.min()), float(arr.max())
+        self.collect_range(name, op_name, arr, arr.min(), arr.max())
+
+    def collect_range(self, name, op_name, arr, lo, hi):
+        lo, hi = float(lo), float(hi)
         seen = self._ranges.get(name)
         if seen is None:
             self._ranges[name] = [lo, hi]
@@ -144,8 +153,11 @@ class HistogramCollector(Collector):
         self._hists: Dict[str, _RunningHistogram] = {}
 
     def collect(self, name, op_name, arr):
+        self.collect_range(name, op_name, arr, arr.min(), arr.max())
+
+    def collect_range(self, name, op_name, arr, lo, hi):
         flat = arr.reshape(-1)
-        lo, hi = float(flat.min()), float(flat.max())
+        lo, hi = float(lo), float(hi)
         stride = 1
         if self.max_samples is not None and flat.size > self.max_samples:
             stride = -(-flat.size // self.max_samples)

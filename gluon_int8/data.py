@@ -19,28 +19,28 @@ DEFAULT_BATCH_SIZE = 32
 Batch = Tuple[mx.nd.NDArray, ...]
 
 
-def _as_input(value, index: int, position: int) -> mx.nd.NDArray:
+def _as_input(value, index: int, position: int, param: str) -> mx.nd.NDArray:
     """One network input of one batch as a float32 NDArray, or a clear error."""
     if isinstance(value, np.ndarray):
         dtype = value.dtype
     elif isinstance(value, mx.nd.NDArray):
         dtype = np.dtype(value.dtype)
     else:
-        raise TypeError('calib_data: batch %d input %d is a %s; expected an NDArray or a '
-                        'numpy array' % (index, position, type(value).__name__))
+        raise TypeError('%s: batch %d input %d is a %s; expected an NDArray or a numpy '
+                        'array' % (param, index, position, type(value).__name__))
     if not np.issubdtype(dtype, np.floating):
-        raise ValueError('calib_data: batch %d input %d has dtype %s; the network takes '
-                         'float32 (convert and normalize the data as for FP32 inference)'
-                         % (index, position, dtype))
+        raise ValueError('%s: batch %d input %d has dtype %s; the network takes float32 '
+                         '(convert and normalize the data as for FP32 inference)'
+                         % (param, index, position, dtype))
     if value.ndim == 0 or value.shape[0] == 0:
-        raise ValueError('calib_data: batch %d input %d has shape %s; expected a batch '
-                         'with at least one example on axis 0' % (index, position, value.shape))
+        raise ValueError('%s: batch %d input %d has shape %s; expected a batch with at '
+                         'least one example on axis 0' % (param, index, position, value.shape))
     if isinstance(value, np.ndarray):
         return mx.nd.array(value, dtype=np.float32)
     return value if dtype == np.float32 else value.astype(np.float32)
 
 
-def _raw_batches(calib_data) -> Iterator:
+def _raw_batches(calib_data, param: str) -> Iterator:
     """The batches of ``calib_data`` as they come (array, or tuple/list of arrays)."""
     if isinstance(calib_data, (np.ndarray, mx.nd.NDArray)):
         for start in range(0, calib_data.shape[0], DEFAULT_BATCH_SIZE):
@@ -56,29 +56,31 @@ def _raw_batches(calib_data) -> Iterator:
         try:
             iterator = iter(calib_data)
         except TypeError as err:
-            raise TypeError('calib_data: got a %s, which is not iterable; expected a '
-                            'DataLoader, an iterable of batches, an mx.io.DataIter or an '
-                            'array' % type(calib_data).__name__) from err
+            raise TypeError('%s: got a %s, which is not iterable; expected a DataLoader, an '
+                            'iterable of batches, an mx.io.DataIter or an array'
+                            % (param, type(calib_data).__name__)) from err
         yield from iterator
 
 
 def iter_batches(calib_data, num_inputs: int, num_calib_batches: Optional[int] = None,
-                 num_calib_examples: Optional[int] = None) -> Iterator[Batch]:
+                 num_calib_examples: Optional[int] = None,
+                 param: str = 'calib_data') -> Iterator[Batch]:
     """Yield input batches until the data or the batch/example budget runs out.
 
     Raises for empty data; warns when fewer batches or examples came than were asked.
+    Messages name ``param``, the caller's name for the data.
     """
     seen_batches = seen_examples = 0
-    for index, raw in enumerate(_raw_batches(calib_data)):
+    for index, raw in enumerate(_raw_batches(calib_data, param)):
         if num_calib_batches is not None and seen_batches >= num_calib_batches:
             break
         if num_calib_examples is not None and seen_examples >= num_calib_examples:
             break
         items = list(raw) if isinstance(raw, (tuple, list)) else [raw]
         if len(items) < num_inputs:
-            raise ValueError('calib_data: batch %d holds %d array(s); the network takes %d '
-                             'input(s)' % (index, len(items), num_inputs))
-        batch = tuple(_as_input(v, index, i) for i, v in enumerate(items[:num_inputs]))
+            raise ValueError('%s: batch %d holds %d array(s); the network takes %d input(s)'
+                             % (param, index, len(items), num_inputs))
+        batch = tuple(_as_input(v, index, i, param) for i, v in enumerate(items[:num_inputs]))
         size = batch[0].shape[0]
         if num_calib_examples is not None and seen_examples + size > num_calib_examples:
             keep = num_calib_examples - seen_examples
@@ -88,12 +90,12 @@ def iter_batches(calib_data, num_inputs: int, num_calib_batches: Optional[int] =
         seen_examples += size
         yield batch
     if seen_batches == 0:
-        raise ValueError('calib_data: got no batch; calibration needs at least one batch '
-                         'of data (or pass calib_table= to reuse saved thresholds)')
+        raise ValueError('%s: got no batch; at least one batch of data is needed (for '
+                         'calibration, calib_table= reuses saved thresholds instead)' % param)
     if num_calib_batches is not None and seen_batches < num_calib_batches:
-        log.warning('calib_data ran out after %d batch(es); num_calib_batches=%d asked for '
-                    'more. Calibrating with what there is.', seen_batches, num_calib_batches)
+        log.warning('%s ran out after %d batch(es); num_calib_batches=%d asked for more. '
+                    'Going on with what there is.', param, seen_batches, num_calib_batches)
     if num_calib_examples is not None and seen_examples < num_calib_examples:
-        log.warning('calib_data ran out after %d example(s); num_calib_examples=%d asked '
-                    'for more. Calibrating with what there is.', seen_examples,
+        log.warning('%s ran out after %d example(s); num_calib_examples=%d asked for '
+                    'more. Going on with what there is.', param, seen_examples,
                     num_calib_examples)

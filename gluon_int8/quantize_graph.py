@@ -183,9 +183,9 @@ def quantize_offline_params(qsym: mx.sym.Symbol,
     return values
 
 
-# oneDNN kernels read an int8 tensor with range r at scale 127.5 / r (MXNet's kInt8Range),
-# while MXNet's quantize op writes it at 127 / r.
-_INT8_READ_RANGE, _INT8_WRITE_RANGE = 127.5, 127.0
+# oneDNN kernels read an int8 (uint8) tensor with range r at scale 127.5 / r (255.5 / r):
+# MXNet's kInt8Range and kUint8Range; MXNet's quantize op writes int8 at 127 / r.
+INT8_READ_RANGE, UINT8_READ_RANGE, _INT8_WRITE_RANGE = 127.5, 255.5, 127.0
 
 
 def _quantize_int8(param: mx.nd.NDArray):
@@ -197,7 +197,7 @@ def _quantize_int8(param: mx.nd.NDArray):
     """
     peak = mx.nd.max(mx.nd.abs(param))
     q, _, _ = mx.nd.contrib.quantize(param, -peak, peak, out_type='int8')
-    stored = peak * (_INT8_READ_RANGE / _INT8_WRITE_RANGE)
+    stored = peak * (INT8_READ_RANGE / _INT8_WRITE_RANGE)
     return q, -stored, stored
 
 

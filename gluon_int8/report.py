@@ -18,33 +18,31 @@ accumulated over the batches in float64, streaming: per batch the INT8 outputs a
 * SQNR in dB: ``10 log10(sum r^2 / sum (r - q)^2)`` (infinite when the outputs agree);
 * cosine: ``sum r q / sqrt(sum r^2 sum q^2)``.
 
-The hooks need a graph run *without* ``static_alloc``: a static CachedOp bulks ops
-together and reports only a few of their outputs, so both graphs are rebuilt here as
-plain hybridized SymbolBlocks.
+Both graphs run as plain hybridized SymbolBlocks with the op hooks calibration uses
+(:func:`gluon_int8.calibrate.hooked_block`): a static CachedOp would report only a few
+outputs.
 """
-import ctypes
 import dataclasses
 import json
 import logging
 import math
-import warnings
-from typing import Callable, Dict, Iterable, List, Mapping, Optional, Tuple
+from typing import Dict, Iterable, List, Mapping, Optional, Tuple
 
 import mxnet as mx
 import numpy as np
-from mxnet.base import NDArrayHandle, py_str
 
-from .data import Batch, iter_batches
-from .quantize_graph import graph_outputs
+from .calibrate import OpHook, hooked_block, run_hooked
+from .data import iter_batches
+from .quantize_graph import INT8_READ_RANGE, UINT8_READ_RANGE, graph_outputs
 from .table import atomic_write_text
-from .trace import build_symbol_block
 
 log = logging.getLogger(__name__)
 
 REPORT_VERSION = 1
 # the code that max(|min|, |max|) maps to, per dtype (MXNet's kInt8Range, kUint8Range,
 # kInt32Range)
-LEVELS = {np.dtype(np.int8): 127.5, np.dtype(np.uint8): 255.5, np.dtype(np.int32): 2147483647.0}
+LEVELS = {np.dtype(np.int8): INT8_READ_RANGE, np.dtype(np.uint8): UINT8_READ_RANGE,
+          np.dtype(np.int32): 2147483647.0}
 SHORT_DTYPES = {'int8': 's8', 'uint8': 'u8', 'int32': 's32', 'float32': 'f32'}
 WEIGHT_OPS = ('_sg_mkldnn_conv', '_sg_mkldnn_fully_connected')
 
@@ -200,25 +198,6 @@ def _plot(rows: List[LayerRow], path: str, title: str) -> None:
     fig.savefig(path, format='png', dpi=100)
 
 
-class _Hook:
-    """Op hook handing each wanted output, as a numpy copy, to ``sink(key, array)``."""
-
-    def __init__(self, mapping: Dict[str, Tuple[str, int]]):
-        self.mapping = mapping
-        self.sink: Callable[[Tuple[str, int], np.ndarray], None] = lambda key, arr: None
-        self.error: Optional[Exception] = None
-
-    def __call__(self, name, op_name, handle):
-        key = self.mapping.get(py_str(name))
-        if key is None or self.error is not None:
-            return
-        try:
-            self.sink(key, mx.nd.NDArray(ctypes.cast(handle, NDArrayHandle),
-                                         writable=False).asnumpy())
-        except Exception as err:  # noqa: BLE001 - must not escape into the C callback
-            self.error = err
-
-
 def output_keys(symbol: mx.sym.Symbol, nodes: Iterable[str]) -> Dict[str, Tuple[str, int]]:
     """Map every name an op hook may report for an output of ``nodes`` to (node, index)."""
     wanted = set(nodes)
@@ -232,34 +211,6 @@ def output_keys(symbol: mx.sym.Symbol, nodes: Iterable[str]) -> Dict[str, Tuple[
 def first_outputs(symbol: mx.sym.Symbol) -> Dict[str, str]:
     """Node name -> the name of its output 0 (the name calibration tables use)."""
     return {node: out_name for node, idx, out_name in graph_outputs(symbol) if idx == 0}
-
-
-class _Runner:
-    """One graph as a plain hybridized SymbolBlock with an op hook on ``nodes``."""
-
-    def __init__(self, symbol, data_names, values, nodes):
-        self.block = build_symbol_block(symbol, data_names, values, {})
-        self.block.hybridize()
-        self.hook = _Hook(output_keys(symbol, nodes))
-        self.block.register_op_hook(self.hook, monitor_all=False)
-
-    def run(self, batch: Batch, sink: Callable[[Tuple[str, int], np.ndarray], None]) -> None:
-        """Run one batch, handing every hooked output to ``sink``."""
-        self.hook.sink, self.hook.error = sink, None
-        try:
-            with warnings.catch_warnings():
-                # gluon warns on every call that op hooks are "experimental" with
-                # static_alloc, even when it is off
-                warnings.simplefilter('ignore', UserWarning)
-                outputs = self.block(*batch)
-            for out in outputs if isinstance(outputs, (list, tuple)) else [outputs]:
-                out.wait_to_read()
-        except mx.base.MXNetError as err:
-            raise ValueError('data: a batch with shapes %s does not fit the network: %s'
-                             % ([tuple(b.shape) for b in batch],
-                                str(err).strip().splitlines()[0])) from err
-        if self.hook.error is not None:
-            raise self.hook.error
 
 
 def dequantized(arrays: Mapping[Tuple[str, int], np.ndarray], node: str) -> Optional[np.ndarray]:
@@ -318,10 +269,10 @@ class _Comparison:
         self.out_dtypes: Dict[str, str] = {}
         self.int8: Dict[Tuple[str, int], np.ndarray] = {}
 
-    def keep_int8(self, key: Tuple[str, int], array: np.ndarray) -> None:
+    def keep_int8(self, key: Tuple[str, int], op_name: str, array: np.ndarray) -> None:
         self.int8[key] = array
 
-    def compare(self, key: Tuple[str, int], ref: np.ndarray) -> None:
+    def compare(self, key: Tuple[str, int], op_name: str, ref: np.ndarray) -> None:
         name, index = key
         node = _int8_node(self.int8, name)
         value = dequantized(self.int8, node) if index == 0 else None
@@ -373,17 +324,6 @@ def _check_count(param: str, value) -> None:
         raise ValueError('%s: got %r; expected a positive int or None' % (param, value))
 
 
-def _batches(data, num_inputs: int, num_batches, num_examples):
-    """The batches of ``data``; errors name ``data`` (the shared reader says calib_data)."""
-    try:
-        yield from iter_batches(data, num_inputs, num_batches, num_examples)
-    except (ValueError, TypeError) as err:
-        text = str(err)
-        if text.startswith('calib_data'):
-            raise type(err)('data' + text[len('calib_data'):]) from err
-        raise
-
-
 def layer_report(qnet, data, num_batches: Optional[int] = None,
                  num_examples: Optional[int] = None) -> Report:
     """Run ``qnet`` (a QuantizedBlock) and its FP32 graph over ``data``; one row per layer.
@@ -402,15 +342,17 @@ def layer_report(qnet, data, num_batches: Optional[int] = None,
     fp32_values.update(qnet.fp32_graph.params)
     names = [layer.name for layer in qnet.layers]
     int8_symbol = qnet._cached_graph[1]
-    ref_run = _Runner(qnet.fp32_graph.symbol, data_names, fp32_values, names)
-    int8_run = _Runner(int8_symbol, data_names, values,
-                       names + ['quantized_' + n for n in names])
     comparison = _Comparison()
+    ref_hook = OpHook(output_keys(qnet.fp32_graph.symbol, names), comparison.compare)
+    int8_hook = OpHook(output_keys(int8_symbol, names + ['quantized_' + n for n in names]),
+                       comparison.keep_int8)
+    ref_block = hooked_block(qnet.fp32_graph.symbol, data_names, fp32_values, ref_hook)
+    int8_block = hooked_block(int8_symbol, data_names, values, int8_hook)
     count = examples = 0
-    for batch in _batches(data, len(data_names), num_batches, num_examples):
+    for batch in iter_batches(data, len(data_names), num_batches, num_examples, param='data'):
         comparison.int8 = {}
-        int8_run.run(batch, comparison.keep_int8)
-        ref_run.run(batch, comparison.compare)
+        run_hooked(int8_block, int8_hook, batch, 'data', count)
+        run_hooked(ref_block, ref_hook, batch, 'data', count)
         count, examples = count + 1, examples + batch[0].shape[0]
     outputs, grans = first_outputs(qnet.fp32_graph.symbol), _granularities(int8_symbol)
     rows = [_row(layer, comparison.sums.get(layer.name),

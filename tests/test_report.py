@@ -170,7 +170,7 @@ def test_bad_report_arguments():
         qnet.report([])
     with pytest.raises(ValueError, match=r'num_batches: got 0; expected a positive int'):
         qnet.report(x, num_batches=0)
-    with pytest.raises(ValueError, match=r'data: a batch with shapes \[\(2, 5, 12, 12\)\]'):
+    with pytest.raises(ValueError, match=r'data: batch 0 with shapes \[\(2, 5, 12, 12\)\]'):
         qnet.report(mx.nd.ones((2, 5, 12, 12)))
 
 

@@ -158,8 +158,9 @@ class QuantizedBlock(SymbolBlock):
                 'data_names': [s.name for s in self._cached_graph[0]],
                 'out_format': self._user_out_format,
                 'int8_weights': int8_names,
-                # the graph without the dequantize nodes: load() folds the weights once
-                'graph': json.loads(self._cached_graph[1].tojson()),
+                # the graph without the dequantize nodes, for load() to fold the weights
+                # once; without int8 weights the symbol file is that graph already
+                'graph': json.loads(self._cached_graph[1].tojson()) if int8_names else None,
                 'calib_table': self.calib_table.to_dict() if self.calib_table else None,
                 'layers': [row.to_dict() for row in self.layers],
                 'fp32_graph': json.loads(fp32.symbol.tojson()) if fp32 is not None else None}

@@ -1,0 +1,396 @@
+"""INT8 batch inference and evaluation on Ray (``pip install gluon-int8[ray]``).
+
+An exported INT8 model runs over a large dataset with Ray Data's ``map_batches`` and a
+fixed pool of actors::
+
+    preds = distributed.batch_predict('model/cq_resnet50', images, batch_size=64)
+    top1 = distributed.evaluate('model/cq_resnet50', images, labels)
+
+* The model files travel through Ray's object store, so actors on other machines need
+  no shared file system; each actor loads the model once, with
+  :func:`gluon_int8.load` (or plain ``SymbolBlock.imports`` for an FP32 export).
+* Each actor reserves ``threads_per_actor`` CPUs and runs MXNet with that many OpenMP
+  threads and the engine settings of :data:`gluon_int8.bench.RECOMMENDED_ENV`, set in
+  the actor's own environment (never in the caller's), so actors never oversubscribe
+  the cores.
+* Numpy input is cut into the same batches a single process would use; one Ray row is
+  one batch, so outputs equal the single-process outputs exactly, whatever the number
+  of actors. Every output row carries its input row number: results come back in input
+  order, and a lost or duplicated row raises instead of passing silently. A killed
+  actor is restarted by Ray and its batch retried (Ray Data's default for actor pools).
+* A Ray Dataset is also accepted as input (its columns named by the model's input
+  names); its order is kept with Ray Data's ``preserve_order``.
+* With no ``address`` a local Ray sized to the machine is started when none is running;
+  ``address='auto'`` or ``'ray://host:10001'`` joins an existing cluster.
+
+Ray is imported only when one of these functions is called.
+"""
+import dataclasses
+import logging
+import os
+import tempfile
+from typing import Callable, Dict, List, Optional, Sequence, Union
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+ID = '__row'  # output column: the input row of each output row
+BATCHES_PER_TASK = 4  # numpy input: model batches per Ray task
+_FILE_SUFFIXES = ('-symbol.json', '-0000.params', '-quantization.json')
+_METRICS = ('accuracy', 'top5')
+_RUN_OPTIONS = ('num_actors', 'threads_per_actor', 'address', 'env', 'input_columns')
+
+
+# ---------------------------------------------------------------------------
+# Ray and the model files
+# ---------------------------------------------------------------------------
+
+def _ray():
+    try:
+        import ray  # pylint: disable=import-outside-toplevel
+        import ray.data  # noqa: F401  pylint: disable=import-outside-toplevel
+    except ImportError as err:
+        raise ImportError('gluon_int8.distributed needs Ray Data: pip install '
+                          '"gluon-int8[ray]" (ray[data] with pyarrow<18 for numpy 1.23.5)') from err
+    return ray
+
+
+def init(address: Optional[str] = None):
+    """Connect to Ray: the running instance, the cluster at ``address``, or a new local
+    instance with one CPU per core. Returns the ``ray`` module."""
+    ray = _ray()
+    if ray.is_initialized():
+        return ray
+    if address is None:
+        log.info('starting a local Ray with %d CPUs', os.cpu_count())
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    else:
+        ray.init(address=address, log_to_driver=False)
+    return ray
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelFiles:
+    """An export's files in memory, to ship to actors through the object store."""
+    files: Dict[str, bytes]  # suffix -> content
+    data_names: List[str]
+
+    @classmethod
+    def read(cls, model) -> 'ModelFiles':
+        """From an export prefix, or from a block (exported to a temporary folder)."""
+        from .block import QuantizedBlock  # pylint: disable=import-outside-toplevel
+        if isinstance(model, QuantizedBlock):
+            with tempfile.TemporaryDirectory() as tmp:
+                model.export(os.path.join(tmp, 'model'))
+                return cls.read(os.path.join(tmp, 'model'))
+        if not isinstance(model, str):
+            raise TypeError('model: got %s; expected an export prefix (str) or a '
+                            'QuantizedBlock' % type(model).__name__)
+        files = {}
+        for suffix in _FILE_SUFFIXES:
+            if os.path.isfile(model + suffix):
+                with open(model + suffix, 'rb') as fobj:
+                    files[suffix] = fobj.read()
+        for suffix in _FILE_SUFFIXES[:2]:
+            if suffix not in files:
+                raise ValueError('model: export prefix %r has no file %r'
+                                 % (model, model + suffix))
+        return cls(files, _data_names(files))
+
+    def load(self):
+        """The block: gluon_int8.load for our exports, SymbolBlock.imports otherwise."""
+        import mxnet as mx  # pylint: disable=import-outside-toplevel
+        from .block import load  # pylint: disable=import-outside-toplevel
+        with tempfile.TemporaryDirectory() as tmp:
+            prefix = os.path.join(tmp, 'model')
+            for suffix, content in self.files.items():
+                with open(prefix + suffix, 'wb') as fobj:
+                    fobj.write(content)
+            if '-quantization.json' in self.files:
+                return load(prefix)
+            block = mx.gluon.SymbolBlock.imports(prefix + '-symbol.json', self.data_names,
+                                                 prefix + '-0000.params')
+            block.hybridize(static_alloc=True, static_shape=True)
+            return block
+
+
+def _data_names(files: Dict[str, bytes]) -> List[str]:
+    """The model's input names: from our sidecar, else the symbol's non-parameter inputs."""
+    import json  # pylint: disable=import-outside-toplevel
+    if '-quantization.json' in files:
+        return list(json.loads(files['-quantization.json'])['data_names'])
+    import mxnet as mx  # pylint: disable=import-outside-toplevel
+    symbol = mx.sym.load_json(files['-symbol.json'].decode('utf-8'))
+    params = mx.nd.load_frombuffer(files['-0000.params'])
+    known = {k.split(':', 1)[-1] for k in params}
+    return [n for n in symbol.list_inputs() if n not in known]
+
+
+# ---------------------------------------------------------------------------
+# The actor
+# ---------------------------------------------------------------------------
+
+def _head(outputs: List[np.ndarray], head: Optional[str]) -> List[np.ndarray]:
+    """Reduce the first output in the actor when only predictions are needed."""
+    if head is None:
+        return outputs
+    logits = outputs[0]
+    if head == 'accuracy':
+        return [np.argmax(logits, axis=1)]
+    return [np.argsort(-logits, axis=1, kind='stable')[:, :5]]
+
+
+class _Predictor:
+    """Ray Data actor: loads the model once, runs batches of rows."""
+
+    def __init__(self, model_ref, inputs_ref=None, batch_size=None, columns=None, head=None):
+        import ray  # pylint: disable=import-outside-toplevel
+        self.block = ray.get(model_ref).load()
+        self.inputs = ray.get(inputs_ref) if inputs_ref is not None else None
+        self.batch_size, self.columns, self.head = batch_size, columns, head
+
+    def _run(self, arrays: Sequence[np.ndarray]) -> List[np.ndarray]:
+        import mxnet as mx  # pylint: disable=import-outside-toplevel
+        outputs = self.block(*[mx.nd.array(a, dtype=a.dtype) for a in arrays])
+        flat = outputs if isinstance(outputs, (list, tuple)) else [outputs]
+        return _head([o.asnumpy() for o in flat], self.head)
+
+    def __call__(self, batch: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+        if self.inputs is None:  # a Ray Dataset: the rows are the examples
+            outputs = self._run([batch[c] for c in self.columns])
+            rows = batch[ID]
+        else:  # numpy input: each row is one batch number
+            ids, outs = [], []
+            for number in batch['data']:
+                start = int(number) * self.batch_size
+                part = [a[start:start + self.batch_size] for a in self.inputs]
+                outs.append(self._run(part))
+                ids.append(np.arange(start, start + len(part[0])))
+            rows = np.concatenate(ids)
+            outputs = [np.concatenate(o) for o in zip(*outs)]
+        result = {ID: rows}
+        result.update(('out%d' % i, o) for i, o in enumerate(outputs))
+        return result
+
+
+# ---------------------------------------------------------------------------
+# Public functions
+# ---------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """Validated options of one distributed run."""
+    batch_size: int
+    num_actors: int
+    threads_per_actor: int
+
+
+def _positive(param: str, value, default=None) -> int:
+    if value is None and default is not None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError('%s: got %r; expected a positive int' % (param, value))
+    return value
+
+
+def _plan(ray, batch_size, num_actors, threads_per_actor) -> _Plan:
+    threads = _positive('threads_per_actor', threads_per_actor, 1)
+    cpus = int(ray.cluster_resources().get('CPU', 1))
+    actors = _positive('num_actors', num_actors, max(1, cpus // threads))
+    if actors * threads > cpus:
+        log.warning('num_actors=%d x threads_per_actor=%d asks for more than the %d CPUs '
+                    'of the cluster; Ray starts the actors as CPUs free up', actors, threads,
+                    cpus)
+    return _Plan(_positive('batch_size', batch_size), actors, threads)
+
+
+def _actor_env(threads: int, env: Optional[Dict[str, str]]) -> Dict[str, str]:
+    from .bench import RECOMMENDED_ENV  # pylint: disable=import-outside-toplevel
+    values = dict(RECOMMENDED_ENV, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    if env is not None:
+        if not isinstance(env, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                for k, v in env.items()):
+            raise TypeError('env: got %r; expected a dict of str -> str' % (env,))
+        values.update(env)
+    return values
+
+
+def _as_arrays(data, param: str = 'data') -> List[np.ndarray]:
+    """numpy input: one array, or a tuple/list of arrays (one per model input)."""
+    arrays = list(data) if isinstance(data, (tuple, list)) else [data]
+    if not arrays or not all(isinstance(a, np.ndarray) for a in arrays):
+        raise TypeError('%s: got %s; expected a numpy array, a tuple of them (one per '
+                        'model input) or a ray.data.Dataset' % (param, type(data).__name__))
+    sizes = {len(a) for a in arrays}
+    if len(sizes) != 1 or 0 in sizes:
+        raise ValueError('%s: got arrays of %s rows; expected non-empty arrays of one '
+                         'length' % (param, sorted(sizes)))
+    return arrays
+
+
+def _mapped(ray, model: ModelFiles, data, plan: _Plan, head, env, input_columns):
+    """The lazy Ray Dataset of outputs and the number of input rows (None if unknown)."""
+    options = dict(compute=ray.data.ActorPoolStrategy(size=plan.num_actors),
+                   num_cpus=plan.threads_per_actor,
+                   runtime_env={'env_vars': _actor_env(plan.threads_per_actor, env)})
+    model_ref = ray.put(model)
+    if isinstance(data, ray.data.Dataset):
+        columns = list(input_columns or model.data_names)
+        names = data.schema().names
+        missing = [c for c in columns if c not in names]
+        if missing:
+            raise ValueError('data: the Ray Dataset has columns %s but not %s; name its '
+                             'columns after the model inputs %s or pass input_columns'
+                             % (names, missing, model.data_names))
+        return data.map_batches(
+            _Predictor, batch_size=plan.batch_size, batch_format='numpy',
+            fn_constructor_kwargs=dict(model_ref=model_ref, columns=columns, head=head),
+            **options), None
+    arrays = _as_arrays(data)
+    if len(arrays) != len(model.data_names):
+        raise ValueError('data: got %d arrays; the model has %d inputs %s'
+                         % (len(arrays), len(model.data_names), model.data_names))
+    rows = len(arrays[0])
+    batches = -(-rows // plan.batch_size)
+    # in-memory blocks of a few batches each: no read task competes with the actors
+    # for CPUs, the actors share the work evenly, and a failure retries little
+    ds = ray.data.from_numpy(np.array_split(np.arange(batches),
+                                            -(-batches // BATCHES_PER_TASK)))
+    return ds.map_batches(
+        _Predictor, batch_size=1, batch_format='numpy',
+        fn_constructor_kwargs=dict(model_ref=model_ref, inputs_ref=ray.put(arrays),
+                                   batch_size=plan.batch_size, head=head),
+        **options), rows
+
+
+def _collect(ds, rows: Optional[int]) -> List[np.ndarray]:
+    """Gather the output columns in input row order, checking every row came once."""
+    parts: Dict[str, list] = {}
+    for batch in ds.iter_batches(batch_size=None, batch_format='numpy'):
+        for key, value in batch.items():
+            parts.setdefault(key, []).append(value)
+    if not parts:
+        raise ValueError('data: the dataset produced no rows')
+    ids = np.concatenate(parts.pop(ID))
+    order = np.argsort(ids, kind='stable')
+    expected = np.arange(rows if rows is not None else len(ids))
+    if len(ids) != len(expected) or not np.array_equal(ids[order], expected):
+        seen = np.bincount(ids, minlength=len(expected))
+        raise RuntimeError('batch_predict: %d rows missing and %d duplicated of %d'
+                           % (int(np.sum(seen == 0)), int(np.sum(seen > 1)), len(expected)))
+    return [np.concatenate(parts['out%d' % i])[order] for i in range(len(parts))]
+
+
+def batch_predict(model, data, batch_size: int = 64, *, num_actors: Optional[int] = None,
+                  threads_per_actor: Optional[int] = None, address: Optional[str] = None,
+                  env: Optional[Dict[str, str]] = None, input_columns=None,
+                  output: str = 'numpy'):
+    """Run an exported model over ``data`` with a pool of Ray actors.
+
+    Parameters
+    ----------
+    model : str or QuantizedBlock
+        An export prefix (``prefix-symbol.json``, ``prefix-0000.params`` and, for
+        gluon-int8 exports, ``prefix-quantization.json``), or a block to export.
+    data : numpy array, tuple of arrays, or ray.data.Dataset
+        One array per model input, examples along the first axis; or a Ray Dataset with
+        one column per model input (named like the inputs, or see ``input_columns``).
+    batch_size : int
+        Examples per forward pass.
+    num_actors : int
+        Actors in the pool (default: the cluster's CPUs // ``threads_per_actor``).
+    threads_per_actor : int
+        CPUs each actor reserves and OpenMP threads it runs (default 1).
+    address : str
+        Ray cluster to join (``'auto'``, ``'ray://host:10001'``); default: the running
+        Ray, else a new local one.
+    env : dict
+        Extra environment variables for the actors.
+    input_columns : list of str
+        Ray Dataset columns fed to the model inputs, in order.
+    output : {'numpy', 'dataset'}
+        ``'numpy'``: the outputs in input order: one array for a single-output model, else
+        a list. ``'dataset'``: the lazy Ray Dataset with column ``__row`` (input row
+        number) and ``out0``, ``out1``, ... (nothing runs until it is consumed).
+    """
+    if output not in ('numpy', 'dataset'):
+        raise ValueError("output: got %r; expected 'numpy' or 'dataset'" % (output,))
+    outputs = _run(model, data, batch_size, num_actors, threads_per_actor, address, env,
+                   input_columns, None, output)
+    return outputs[0] if output == 'numpy' and len(outputs) == 1 else outputs
+
+
+def _run(model, data, batch_size, num_actors, threads_per_actor, address, env, input_columns,
+         head, output='numpy'):
+    ray = init(address)
+    files = ModelFiles.read(model)
+    plan = _plan(ray, batch_size, num_actors, threads_per_actor)
+    if isinstance(data, ray.data.Dataset):
+        data = _with_row_numbers(ray, data)
+    ds, rows = _mapped(ray, files, data, plan, head, env, input_columns)
+    if output == 'dataset':
+        return ds
+    return _collect(ds, rows)
+
+
+def _with_row_numbers(ray, data):
+    """Number the rows of a Ray Dataset and materialize it, so that its reads finish
+    before the actors take the CPUs (the order is preserved from here on)."""
+    data.context.execution_options.preserve_order = True
+    numbers = ray.data.range(data.count()).rename_columns({'id': ID})
+    return data.zip(numbers).materialize()
+
+
+def evaluate(model, data, labels, metric: Union[str, Callable] = 'accuracy',
+             batch_size: int = 64, **options) -> float:
+    """The metric of an exported model on ``data``, computed on Ray.
+
+    ``labels``: a numpy array (numpy ``data``) or the name of a label column (Ray Dataset
+    ``data``). ``metric``: ``'accuracy'`` (top-1) or ``'top5'``, reduced to class
+    predictions inside the actors; an ``mx.metric.EvalMetric``; or a callable
+    ``metric(labels, outputs) -> float`` given the labels and the model outputs (one
+    array, or a list for several outputs) in input order. ``options``: those of
+    :func:`batch_predict`.
+    """
+    unknown = sorted(set(options) - set(_RUN_OPTIONS))
+    if unknown:
+        raise TypeError('options: got %s; evaluate takes %s' % (unknown, list(_RUN_OPTIONS)))
+    head = metric if isinstance(metric, str) else None
+    if head is not None and head not in _METRICS:
+        raise ValueError('metric: got %r; expected one of %s, an mx.metric.EvalMetric or a '
+                         'callable metric(labels, outputs)' % (metric, list(_METRICS)))
+    ray = init(options.get('address'))
+    if isinstance(data, ray.data.Dataset):
+        if not isinstance(labels, str) or labels not in data.schema().names:
+            raise ValueError('labels: got %r; with a Ray Dataset expected one of its column '
+                             'names %s' % (labels, data.schema().names))
+        truth = np.concatenate([b[labels] for b in data.iter_batches(
+            batch_size=None, batch_format='numpy')])
+    else:
+        truth = np.asarray(labels)
+        rows = len(_as_arrays(data)[0])
+        if truth.shape[:1] != (rows,):
+            raise ValueError('labels: got shape %s; expected %d labels, one per row of data'
+                             % (truth.shape, rows))
+    outputs = _run(model, data, batch_size, options.get('num_actors'),
+                   options.get('threads_per_actor'), options.get('address'),
+                   options.get('env'), options.get('input_columns'), head)
+    return _score(metric, truth, outputs)
+
+
+def _score(metric, labels: np.ndarray, outputs: List[np.ndarray]) -> float:
+    if metric == 'accuracy':
+        return float(np.mean(outputs[0] == labels.astype(np.int64).reshape(-1)))
+    if metric == 'top5':
+        hits = outputs[0] == labels.astype(np.int64).reshape(-1, 1)
+        return float(np.mean(np.any(hits, axis=1)))
+    if hasattr(metric, 'update') and hasattr(metric, 'get'):
+        import mxnet as mx  # pylint: disable=import-outside-toplevel
+        metric.reset()
+        metric.update([mx.nd.array(labels)], [mx.nd.array(o) for o in outputs])
+        return float(metric.get()[1])
+    if callable(metric):
+        return float(metric(labels, outputs[0] if len(outputs) == 1 else outputs))
+    raise TypeError('metric: got %r; expected a name, an mx.metric.EvalMetric or a callable'
+                    % (metric,))

@@ -184,6 +184,13 @@ def quantize_net(block: HybridBlock, calib_data=None, mode='entropy', *,
                                          opts.granularity)
     table = _calibration_table(fused, traced, calib_layers, quantize_node_inputs(qsym), batches,
                                opts, calib_table, progress, _length(calib_data, opts))
+    return build_block(traced, fused, nodes, excluded, qsym, table)
+
+
+def build_block(traced, fused, nodes, excluded, qsym, table: Optional[CalibrationTable]
+                ) -> QuantizedBlock:
+    """The last stage: ranges into the INT8 graph, the post-quantization fusion, the
+    weights, the block. ``excluded`` maps the FP32 layers to their reasons."""
     if table is not None:
         qsym = set_calib_table(qsym, table.ranges)
     qsym = fuse_stage.fuse(qsym)  # requantize/dequantize fusion now that ranges are known

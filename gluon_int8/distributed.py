@@ -394,3 +394,27 @@ def _score(metric, labels: np.ndarray, outputs: List[np.ndarray]) -> float:
         return float(metric(labels, outputs[0] if len(outputs) == 1 else outputs))
     raise TypeError('metric: got %r; expected a name, an mx.metric.EvalMetric or a callable'
                     % (metric,))
+
+
+# ---------------------------------------------------------------------------
+# Tuning trials
+# ---------------------------------------------------------------------------
+
+def _remote_call(fn, builder, eval_fn, seed, spec):
+    return fn(builder, eval_fn, seed, spec, False)
+
+
+class RayExecutor:
+    """Runs tuning work items (``gluon_int8.tune.run_trial`` / ``rank_unit``) as Ray
+    tasks: the builder (graph + statistics) and ``eval_fn`` go to the object store once;
+    each task rebuilds its block from them. ``width`` items run at a time."""
+
+    def __init__(self, builder, eval_fn, seed, address=None, num_workers=None):
+        ray = init(address)
+        self.width = num_workers or max(1, int(ray.cluster_resources().get('CPU', 1)))
+        self.refs = (ray.put(builder), ray.put(eval_fn), seed)
+        self.remote = ray.remote(num_cpus=1)(_remote_call)
+        self.ray = ray
+
+    def map(self, fn, specs) -> list:
+        return self.ray.get([self.remote.remote(fn, *self.refs, spec) for spec in specs])

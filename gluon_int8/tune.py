@@ -31,14 +31,16 @@ import itertools
 import json
 import logging
 import math
+import random
 import time
 from typing import Callable, Dict, List, Mapping, Optional, Sequence
 
+import mxnet as mx
 import numpy as np
 from mxnet.gluon import HybridBlock
 
 from . import fuse as fuse_stage
-from .api import Options, quantize_net, table_from_stats, validate
+from .api import Options, build_block, table_from_stats, validate
 from .block import QuantizedBlock
 from .calibrate import collect_statistics
 from .collectors import HistogramCollector
@@ -112,7 +114,9 @@ def tune(net: HybridBlock, calib_data, eval_fn: Callable[[HybridBlock], float],
          max_drop: float = 0.005, max_trials: int = 50, timeout: Optional[float] = None, *,
          modes: Sequence[str] = DEFAULT_MODES,
          granularities: Sequence[str] = DEFAULT_GRANULARITIES,
-         rank_examples: int = 256, **quantize_kwargs) -> TuneResult:
+         rank_examples: int = 256, seed: Optional[int] = 0, executor: str = 'serial',
+         address: Optional[str] = None, num_workers: Optional[int] = None,
+         **quantize_kwargs) -> TuneResult:
     """Quantize ``net`` so that ``eval_fn`` drops at most ``max_drop`` below FP32.
 
     Parameters
@@ -136,6 +140,20 @@ def tune(net: HybridBlock, calib_data, eval_fn: Callable[[HybridBlock], float],
         The calibration modes and weight granularities tried, in this order.
     rank_examples : int
         Calibration examples used to rank the layers by sensitivity.
+    seed : int or None
+        Python, numpy and MXNet are seeded with it before every ``eval_fn`` call, so a
+        random ``eval_fn`` (e.g. sampling a validation subset) scores every trial alike,
+        in this process or in a Ray worker. None: no seeding.
+    executor : {'serial', 'ray'}
+        ``'ray'`` runs independent trials (and the layer ranking) in parallel as Ray
+        tasks, in waves of ``num_workers``; trials after the first one of a wave that
+        reaches the target are dropped, so for the same seed the result equals the
+        serial one (same trials, metrics and block), except that ``timeout`` is checked
+        per wave. ``eval_fn`` and its data are shipped to the workers (cloudpickle), and
+        workers need gluon-int8 installed. Calibration runs here, once.
+    address, num_workers
+        For ``executor='ray'``: the cluster to join (default: the running Ray, else a new
+        local one) and the parallel trials per wave (default: the cluster's CPUs).
     **quantize_kwargs
         Passed to :func:`gluon_int8.quantize_net`: ``quantized_dtype``,
         ``quantize_mode``, ``exclude_layers``, ``exclude_layers_match``,
@@ -150,10 +168,12 @@ def tune(net: HybridBlock, calib_data, eval_fn: Callable[[HybridBlock], float],
     """
     checked = _validate(net, calib_data, eval_fn, max_drop, max_trials, timeout, modes,
                         granularities, rank_examples, quantize_kwargs)
+    make_executor = _executor(executor, address, num_workers, seed)
     start = time.monotonic()
+    _seeded(seed)
     baseline = _metric(eval_fn, net, 'the FP32 net')
     session = _Session(net, calib_data, eval_fn, checked, baseline, max_drop,
-                       None if timeout is None else start + timeout)
+                       None if timeout is None else start + timeout, make_executor)
     log.info('tune: FP32 baseline %.5f, target >= %.5f (max_drop %g)', baseline,
              baseline - max_drop, max_drop)
     log.info(_HEADER, '#', 'stage', 'mode', 'weights', 'fp32', 'metric', 'drop', 'sec',
@@ -161,8 +181,8 @@ def tune(net: HybridBlock, calib_data, eval_fn: Callable[[HybridBlock], float],
     session.try_configs(list(modes), list(granularities))
     if not session.reached() and not session.out_of_budget():
         session.fallback()
-    best_block, best = session.best
-    result = TuneResult(best_block, baseline, best['metric'], baseline - max_drop,
+    best = session.best[1]
+    result = TuneResult(session.best_block(), baseline, best['metric'], baseline - max_drop,
                         session.reached(), session.trials, session.ranking)
     log.info('tune: %s after %d trials in %.1f s: metric %.5f (baseline %.5f), %d layers '
              'returned to FP32', 'reached the target' if result.reached else
@@ -171,13 +191,29 @@ def tune(net: HybridBlock, calib_data, eval_fn: Callable[[HybridBlock], float],
     return result
 
 
+def _executor(executor: str, address, num_workers, seed):
+    """executor name -> a factory ``(builder, eval_fn) -> executor``."""
+    if executor == 'serial':
+        if address is not None or num_workers is not None:
+            raise ValueError("address, num_workers: only for executor='ray'")
+        return lambda builder, eval_fn: SerialExecutor(builder, eval_fn, seed)
+    if executor == 'ray':
+        if num_workers is not None and (isinstance(num_workers, bool)
+                                        or not isinstance(num_workers, int) or num_workers < 1):
+            raise ValueError('num_workers: got %r; expected a positive int or None'
+                             % (num_workers,))
+        from .distributed import RayExecutor  # pylint: disable=import-outside-toplevel
+        return lambda builder, eval_fn: RayExecutor(builder, eval_fn, seed, address,
+                                                    num_workers)
+    raise ValueError("executor: got %r; expected 'serial' or 'ray'" % (executor,))
+
+
 @dataclasses.dataclass(frozen=True)
 class _Checked:
     """tune's validated options."""
     max_trials: int
     rank_examples: int
-    options: Mapping[str, object]   # the quantize_net options passed through
-    opts: Options                   # the same, validated, with the defaults filled in
+    opts: Options  # the quantize_net options passed through, validated, defaults filled in
 
 
 def _validate(net, calib_data, eval_fn, max_drop, max_trials, timeout, modes, granularities,
@@ -198,7 +234,7 @@ def _validate(net, calib_data, eval_fn, max_drop, max_trials, timeout, modes, gr
         raise TypeError('quantize_kwargs: got %s; tune passes on only %s (modes= and '
                         'granularities= replace mode= and granularity=)'
                         % (unknown, list(PASSED_OPTIONS)))
-    return _Checked(max_trials, rank_examples, dict(quantize_kwargs), validate(**quantize_kwargs))
+    return _Checked(max_trials, rank_examples, validate(**quantize_kwargs))
 
 
 def _is_number(value) -> bool:
@@ -241,56 +277,122 @@ def _flat(outputs) -> list:
     return [outputs]
 
 
+class _Builder:
+    """What a trial needs, without the user's net: the traced and fused graphs, the
+    statistics of the one calibration pass and the ranking slice. Picklable, so trials
+    can run as Ray tasks."""
+
+    def __init__(self, traced, fused, user_excluded, opts: Options, stats, batches, references):
+        self.traced, self.fused, self.opts, self.stats = traced, fused, opts, stats
+        self.nodes, self.user_excluded = graph_nodes(fused), user_excluded
+        self.batches, self.references = batches, references
+
+    def build(self, mode: str, granularity: str, tuned: Mapping[str, str]) -> QuantizedBlock:
+        """The INT8 block of one config from the stored statistics (no data pass)."""
+        reasons = dict(tuned)
+        reasons.update(self.user_excluded)  # a user's exclusion keeps the user's reason
+        qsym, layers = quantize_symbol(self.fused, sorted(reasons), list(self.traced.arg_params),
+                                       self.opts.quantized_dtype, self.opts.quantize_mode,
+                                       granularity)
+        missing = sorted(set(layers) - set(self.stats))
+        if missing:
+            raise RuntimeError('tune: calibration collected no statistics for %s' % missing)
+        opts = dataclasses.replace(self.opts, mode=mode, granularity=granularity)
+        table = table_from_stats({n: self.stats[n] for n in layers}, opts,
+                                 quantize_node_inputs(qsym), self.traced.data_names)
+        return build_block(self.traced, self.fused, self.nodes, reasons, qsym, table)
+
+    def output_sqnr(self, block: QuantizedBlock) -> float:
+        """SQNR (dB) of ``block``'s outputs against the FP32 outputs on the kept slice."""
+        signal = noise = 0.0
+        for batch, refs in zip(self.batches, self.references):
+            for out, ref in zip(_flat(block(*batch)), refs):
+                diff = out.asnumpy().astype(np.float64) - ref
+                noise += float(np.sum(diff * diff))
+                signal += float(np.sum(ref * ref))
+        return math.inf if noise == 0 else 10.0 * math.log10(signal / noise)
+
+
+def _seeded(seed: Optional[int]) -> None:
+    """Seed Python, numpy and MXNet before an eval_fn call, wherever it runs."""
+    if seed is not None:
+        random.seed(seed)
+        np.random.seed(seed)
+        mx.random.seed(seed)
+
+
+def run_trial(builder: _Builder, eval_fn, seed: Optional[int], spec: tuple, keep: bool):
+    """One trial: build the spec's block, score it. Returns (metric, seconds, block or
+    None). The one function the serial and the Ray executors both run."""
+    start = time.monotonic()
+    trial, mode, granularity, tuned = spec
+    block = builder.build(mode, granularity, tuned)
+    _seeded(seed)
+    metric = _metric(eval_fn, block, 'trial %d' % trial)
+    return metric, time.monotonic() - start, block if keep else None
+
+
+def rank_unit(builder: _Builder, eval_fn, seed: Optional[int], spec: tuple, keep: bool):
+    """Output SQNR with one unit FP32 (no eval_fn call); same signature as run_trial."""
+    del eval_fn, seed, keep
+    mode, granularity, unit = spec
+    return builder.output_sqnr(builder.build(mode, granularity, {n: 'tuning' for n in unit}))
+
+
+class SerialExecutor:
+    """Runs the work items one after the other in this process."""
+    width = 1
+
+    def __init__(self, builder: _Builder, eval_fn, seed: Optional[int]):
+        self.args = (builder, eval_fn, seed)
+
+    def map(self, fn, specs: Sequence[tuple]) -> list:
+        return [fn(*self.args, spec, True) for spec in specs]
+
+
 class _Session:
-    """One tuning run: the traced graph, the statistics, the trials and the best block."""
+    """One tuning run: the statistics, the trials and the best block."""
 
     def __init__(self, net, calib_data, eval_fn, checked: _Checked, baseline: float,
-                 max_drop: float, deadline: Optional[float]):
-        self.net, self.eval_fn, self.checked = net, eval_fn, checked
+                 max_drop: float, deadline: Optional[float], executor):
+        self.checked = checked
         self.baseline, self.target, self.deadline = baseline, baseline - max_drop, deadline
         self.trials: List[dict] = []
         self.ranking: List[dict] = []
-        self.best = None  # (block, trial dict)
-        self._calibrate(calib_data)
+        self.best = None  # (block or None, trial dict)
+        self.tuned: Dict[int, Dict[str, str]] = {}  # trial -> the layers it returned to FP32
+        self.builder = self._calibrate(net, calib_data)
+        self.executor = executor(self.builder, eval_fn)
 
     # -- calibration, once ------------------------------------------------------------
 
-    def _calibrate(self, calib_data) -> None:
+    def _calibrate(self, net, calib_data) -> _Builder:
         """One pass over the data: histograms of every layer output any trial may need,
         and the first ``rank_examples`` examples kept for ranking."""
         opts = self.checked.opts
-        batches = iter_batches(calib_data, count_inputs(self.net), opts.num_calib_batches,
+        batches = iter_batches(calib_data, count_inputs(net), opts.num_calib_batches,
                                opts.num_calib_examples)
         first = next(batches)
-        self.traced = trace(self.net, first)
-        self.fused = fuse_stage.fuse(self.traced.symbol)
-        nodes = graph_nodes(self.fused)
-        self.user_excluded = resolve_exclusions(nodes, opts.exclude_layers,
-                                                opts.exclude_layers_match,
-                                                opts.exclude_operators)
-        self.slice: list = []
-        self.stats = collect_statistics(
-            self.fused, self.traced.data_names, self.traced.arg_params,
-            self.traced.aux_params, self._all_outputs(), self._keep_slice(first, batches),
+        traced = trace(net, first)
+        fused = fuse_stage.fuse(traced.symbol)
+        user_excluded = resolve_exclusions(graph_nodes(fused), opts.exclude_layers,
+                                           opts.exclude_layers_match, opts.exclude_operators)
+        kept: list = []
+        stats = collect_statistics(
+            fused, traced.data_names, traced.arg_params, traced.aux_params,
+            _all_outputs(fused, traced.data_names),
+            self._keep_slice(itertools.chain([first], batches), kept),
             HistogramCollector(num_bins=opts.num_bins))
-        self.references = [[o.asnumpy().astype(np.float64) for o in _flat(self.net(*b))]
-                           for b in self.slice]
+        references = [[o.asnumpy().astype(np.float64) for o in _flat(net(*b))] for b in kept]
+        return _Builder(traced, fused, user_excluded, opts, stats, kept, references)
 
-    def _all_outputs(self) -> List[str]:
-        """Graph inputs and every output of every compute node of the fused graph."""
-        internals = self.fused.get_internals()
-        inputs = set(self.fused.list_inputs())
-        names = [out for i, out in enumerate(internals.list_outputs())
-                 if internals[i].name not in inputs]
-        return list(self.traced.data_names) + names
-
-    def _keep_slice(self, first, batches):
+    def _keep_slice(self, batches, kept: list):
         """Pass the batches through, keeping the first ``rank_examples`` examples."""
-        kept = 0
-        for batch in itertools.chain([first], batches):
-            if kept < self.checked.rank_examples:
-                self.slice.append(batch)
-                kept += batch[0].shape[0]
+        count = 0
+        for batch in batches:
+            if count < self.checked.rank_examples:
+                kept.append(batch)
+                count += batch[0].shape[0]
             yield batch
 
     # -- trials -------------------------------------------------------------------------
@@ -303,62 +405,57 @@ class _Session:
             return True
         return self.deadline is not None and time.monotonic() > self.deadline
 
-    def build(self, mode: str, granularity: str, tuned: Mapping[str, str]) -> QuantizedBlock:
-        """The INT8 block of one config from the stored statistics (no data pass)."""
-        reasons = dict(tuned)
-        reasons.update(self.user_excluded)  # a user's exclusion keeps the user's reason
-        opts = self.checked.opts
-        qsym, layers = quantize_symbol(self.fused, sorted(reasons), list(self.traced.arg_params),
-                                       opts.quantized_dtype, opts.quantize_mode, granularity)
-        missing = sorted(set(layers) - set(self.stats))
-        if missing:
-            raise RuntimeError('tune: calibration collected no statistics for %s' % missing)
-        table = table_from_stats({n: self.stats[n] for n in layers},
-                                 dataclasses.replace(opts, mode=mode, granularity=granularity),
-                                 quantize_node_inputs(qsym), self.traced.data_names)
-        options = dict(self.checked.options, exclude_layers=sorted(reasons),
-                       exclude_layers_match=None, exclude_operators=None)
-        qnet = quantize_net(self.net, calib_table=table, mode=mode, granularity=granularity,
-                            **options)
-        for row in qnet.layers:
-            if row.name in reasons:
-                row.reason = reasons[row.name]
-        return qnet
+    def run(self, stage: str, candidates: Sequence[tuple]) -> bool:
+        """Trials of ``candidates`` ((mode, granularity, FP32 layers) each) in order, in
+        waves as wide as the executor, until one reaches the target (True) or the budget
+        is spent. A wave's trials after the first that reached are dropped, so the
+        recorded trials are those a serial run records."""
+        done = 0
+        while done < len(candidates):
+            if self.trials and self.out_of_budget():
+                return False
+            room = self.checked.max_trials - len(self.trials)
+            wave = candidates[done:done + min(self.executor.width, room)]
+            specs = [(len(self.trials) + i + 1, mode, granularity, dict(tuned))
+                     for i, (mode, granularity, tuned) in enumerate(wave)]
+            for spec, result in zip(specs, self.executor.map(run_trial, specs)):
+                if self._record(stage, spec, *result)['reached']:
+                    return True
+            done += len(wave)
+        return False
 
-    def trial(self, stage: str, mode: str, granularity: str,
-              tuned: Mapping[str, str]) -> Optional[dict]:
-        """One eval_fn call on one config; None when the budget is spent."""
-        if self.trials and self.out_of_budget():
-            return None
-        start = time.monotonic()
-        block = self.build(mode, granularity, tuned)
-        metric = _metric(self.eval_fn, block, 'trial %d' % (len(self.trials) + 1))
-        row = {'trial': len(self.trials) + 1, 'stage': stage, 'mode': mode,
-               'granularity': granularity, 'fp32_layers': sorted(tuned),
-               'metric': metric, 'drop': self.baseline - metric,
-               'reached': metric >= self.target, 'seconds': time.monotonic() - start}
+    def _record(self, stage: str, spec: tuple, metric: float, seconds: float, block) -> dict:
+        trial, mode, granularity, tuned = spec
+        row = {'trial': trial, 'stage': stage, 'mode': mode, 'granularity': granularity,
+               'fp32_layers': sorted(tuned), 'metric': metric,
+               'drop': self.baseline - metric, 'reached': metric >= self.target,
+               'seconds': seconds}
         self.trials.append(row)
+        self.tuned[trial] = tuned
         log.info(_row_text(row))
         if self.best is None or metric > self.best[1]['metric']:
             self.best = (block, row)
         return row
 
+    def best_block(self) -> QuantizedBlock:
+        """The best trial's block (built here when its trial ran elsewhere)."""
+        block, row = self.best
+        if block is None:
+            block = self.builder.build(row['mode'], row['granularity'], self.tuned[row['trial']])
+        return block
+
     # -- stage 1: configs -----------------------------------------------------------------
 
     def try_configs(self, modes: List[str], granularities: List[str]) -> None:
-        for mode in modes:
-            for granularity in granularities:
-                row = self.trial('config', mode, granularity, {})
-                if row is None or row['reached']:
-                    return
+        self.run('config', [(m, g, {}) for m in modes for g in granularities])
 
     # -- stages 2 and 3: ranking and fallback --------------------------------------------
 
     def fallback(self) -> None:
-        base_block, base = self.best
+        base = self.best[1]
         mode, granularity = base['mode'], base['granularity']
-        self.ranking = self.rank(base_block, mode, granularity)
-        tuned: Dict[str, str] = {}
+        self.ranking = self.rank(mode, granularity)
+        candidates, tuned = [], {}
         for rank, entry in enumerate(self.ranking, 1):
             new = [n for n in entry['unit'] if n not in tuned]
             if not new:
@@ -366,38 +463,39 @@ class _Session:
             for name in new:
                 tuned[name] = ('tuning: rank %d' % rank if name == entry['layer'] else
                                'tuning: rank %d (unit of %s)' % (rank, entry['layer']))
-            row = self.trial('fallback', mode, granularity, tuned)
-            if row is None or row['reached']:
-                return
+            candidates.append((mode, granularity, dict(tuned)))
+        self.run('fallback', candidates)
 
-    def rank(self, base_block: QuantizedBlock, mode: str, granularity: str) -> List[dict]:
+    def rank(self, mode: str, granularity: str) -> List[dict]:
         """INT8 layers by the network-output SQNR reached when their unit alone is FP32."""
-        units = _units(self.fused, set(base_block.int8_layers))
-        base_sqnr = self.output_sqnr(base_block)
+        base_block = self.best_block()
+        int8_layers = base_block.int8_layers
+        units = _units(self.builder.fused, set(int8_layers))
         ranking = []
-        for layer in base_block.int8_layers:
+        for start in range(0, len(int8_layers), self.executor.width):
             if self.deadline is not None and time.monotonic() > self.deadline:
                 log.warning('tune: timeout while ranking; ranked %d of %d layers',
-                            len(ranking), len(base_block.int8_layers))
+                            len(ranking), len(int8_layers))
                 break
-            block = self.build(mode, granularity, {n: 'tuning' for n in units[layer]})
-            ranking.append({'layer': layer, 'unit': units[layer],
-                            'output_sqnr_db': self.output_sqnr(block)})
+            layers = int8_layers[start:start + self.executor.width]
+            sqnrs = self.executor.map(rank_unit, [(mode, granularity, units[layer])
+                                                  for layer in layers])
+            ranking.extend({'layer': layer, 'unit': units[layer], 'output_sqnr_db': sqnr}
+                           for layer, sqnr in zip(layers, sqnrs))
         ranking.sort(key=lambda r: -r['output_sqnr_db'])
         best = ', '.join('%s (%.2f dB)' % (r['layer'], r['output_sqnr_db']) for r in ranking[:5])
         log.info('tune: output SQNR %.2f dB with every layer INT8; best units to return to '
-                 'FP32: %s', base_sqnr, best)
+                 'FP32: %s', self.builder.output_sqnr(base_block), best)
         return ranking
 
-    def output_sqnr(self, block: QuantizedBlock) -> float:
-        """SQNR (dB) of ``block``'s outputs against the FP32 outputs on the kept slice."""
-        signal = noise = 0.0
-        for batch, refs in zip(self.slice, self.references):
-            for out, ref in zip(_flat(block(*batch)), refs):
-                diff = out.asnumpy().astype(np.float64) - ref
-                noise += float(np.sum(diff * diff))
-                signal += float(np.sum(ref * ref))
-        return math.inf if noise == 0 else 10.0 * math.log10(signal / noise)
+
+def _all_outputs(fused, data_names) -> List[str]:
+    """Graph inputs and every output of every compute node of the fused graph."""
+    internals = fused.get_internals()
+    inputs = set(fused.list_inputs())
+    names = [out for i, out in enumerate(internals.list_outputs())
+             if internals[i].name not in inputs]
+    return list(data_names) + names
 
 
 def _units(fused, int8_layers) -> Dict[str, List[str]]:

@@ -185,3 +185,15 @@ def check_quantize(net, inputs, int8_ops, tmp_path, mode='entropy', min_cosine=0
 @pytest.fixture
 def conv_net():
     return make_net(ConvBNSum, (4, 3, 16, 16))
+
+
+@pytest.fixture(scope='session')
+def local_ray():
+    """A real local Ray with the machine's CPUs, started once for the session."""
+    import ray
+    from gluon_int8 import distributed
+    started = not ray.is_initialized()
+    distributed.init()
+    yield ray
+    if started:
+        ray.shutdown()

@@ -18,15 +18,6 @@ BATCH = 32
 
 
 @pytest.fixture(scope='module')
-def local_ray():
-    started = not ray.is_initialized()
-    distributed.init()
-    yield ray
-    if started:
-        ray.shutdown()
-
-
-@pytest.fixture(scope='module')
 def exported(tmp_path_factory):
     images, labels = fashion_mnist.bundled_slice()
     qnet = gluon_int8.quantize_net(fashion_mnist.get_model('resnet'),

@@ -161,3 +161,34 @@ def test_bad_eval_fn_is_named(case):
         gluon_int8.tune(net, x, 3)
     with pytest.raises(ValueError, match='eval_fn: returned nan for the FP32 net'):
         gluon_int8.tune(net, x, lambda block: float('nan'))
+
+
+def test_ray_executor_gives_the_serial_result_for_the_same_seed(case, local_ray):
+    """Trials run as Ray tasks in waves of 2; eval_fn scores a random half of the set, so
+    only the seed makes the trials agree across processes."""
+    net, x, _ = case
+    reference = net(x).asnumpy().astype(np.float64)
+
+    def sampled_cosine(block):
+        rows = np.random.choice(len(reference), len(reference) // 2, replace=False)
+        out = block(x).asnumpy().astype(np.float64)[rows].ravel()
+        ref = reference[rows].ravel()
+        return float(out @ ref / np.linalg.norm(out) / np.linalg.norm(ref))
+
+    runs = [gluon_int8.tune(net, x, sampled_cosine, max_drop=0.005, seed=7, **kwargs)
+            for kwargs in ({}, {'executor': 'ray', 'num_workers': 2})]
+    serial, parallel = [r.to_dict() for r in runs]
+    for run in (serial, parallel):
+        for trial in run['trials']:
+            trial.pop('seconds')
+    assert parallel == serial and serial['reached'] and len(serial['trials']) == 9
+    np.testing.assert_array_equal(runs[0].block(x).asnumpy(), runs[1].block(x).asnumpy())
+    assert runs[1].block.fp32_layers == runs[0].block.fp32_layers
+
+
+def test_unknown_executor_is_named(case):
+    net, x, eval_fn = case
+    with pytest.raises(ValueError, match="executor: got 'dask'; expected 'serial' or 'ray'"):
+        gluon_int8.tune(net, x, eval_fn, executor='dask')
+    with pytest.raises(ValueError, match='num_workers: got 0'):
+        gluon_int8.tune(net, x, eval_fn, executor='ray', num_workers=0)

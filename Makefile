@@ -9,7 +9,7 @@ PEER_ARGS ?=
 THREADS ?= 2
 export OMP_NUM_THREADS := $(THREADS)
 
-.PHONY: demo test bench-calibration bench-accuracy bench-seed bench-sweep peers clean clean-peers
+.PHONY: demo test bench-calibration bench-accuracy bench-seed bench-sweep bench-scale peers clean clean-peers
 
 .venv/.installed: requirements.txt requirements-test.txt setup.cfg setup.py
 	python3 -m venv .venv
@@ -37,6 +37,10 @@ bench-seed: .venv/.installed
 
 bench-sweep: .venv/.installed
 	$(PY) benchmarks/zoo_sweep.py
+
+# Ray batch inference (1 and N actors) against one process; SCALE_ARGS=--address=auto for a cluster
+bench-scale: .venv/.installed
+	$(PY) benchmarks/scale.py $(SCALE_ARGS)
 
 # the exporter half runs in .venv (MXNet), which needs the onnx package for it
 .venv/.onnx-installed: .venv/.installed requirements-export.txt

@@ -180,29 +180,37 @@ class _Predictor:
 
 @dataclasses.dataclass(frozen=True)
 class _Plan:
-    """Validated options of one distributed run."""
+    """Validated options of one distributed run (``num_actors`` None: from the cluster)."""
     batch_size: int
-    num_actors: int
+    num_actors: Optional[int]
     threads_per_actor: int
+    env: Dict[str, str]
+
+    @classmethod
+    def check(cls, batch_size, num_actors, threads_per_actor, env) -> '_Plan':
+        """Validate before Ray starts: a bad argument costs no cluster start-up."""
+        return cls(_positive('batch_size', batch_size),
+                   None if num_actors is None else _positive('num_actors', num_actors),
+                   1 if threads_per_actor is None else
+                   _positive('threads_per_actor', threads_per_actor),
+                   _actor_env(1 if threads_per_actor is None else threads_per_actor, env))
+
+    def actors(self, ray) -> int:
+        """The pool size: as asked, or the cluster's CPUs // threads_per_actor."""
+        cpus = int(ray.cluster_resources().get('CPU', 1))
+        if self.num_actors is None:
+            return max(1, cpus // self.threads_per_actor)
+        if self.num_actors * self.threads_per_actor > cpus:
+            raise ValueError('num_actors: got %d actors x %d threads_per_actor, more than the '
+                             '%d CPUs of the Ray cluster; the pool could never start'
+                             % (self.num_actors, self.threads_per_actor, cpus))
+        return self.num_actors
 
 
-def _positive(param: str, value, default=None) -> int:
-    if value is None and default is not None:
-        return default
+def _positive(param: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError('%s: got %r; expected a positive int' % (param, value))
     return value
-
-
-def _plan(ray, batch_size, num_actors, threads_per_actor) -> _Plan:
-    threads = _positive('threads_per_actor', threads_per_actor, 1)
-    cpus = int(ray.cluster_resources().get('CPU', 1))
-    actors = _positive('num_actors', num_actors, max(1, cpus // threads))
-    if actors * threads > cpus:
-        log.warning('num_actors=%d x threads_per_actor=%d asks for more than the %d CPUs '
-                    'of the cluster; Ray starts the actors as CPUs free up', actors, threads,
-                    cpus)
-    return _Plan(_positive('batch_size', batch_size), actors, threads)
 
 
 def _actor_env(threads: int, env: Optional[Dict[str, str]]) -> Dict[str, str]:
@@ -229,11 +237,10 @@ def _as_arrays(data, param: str = 'data') -> List[np.ndarray]:
     return arrays
 
 
-def _mapped(ray, model: ModelFiles, data, plan: _Plan, head, env, input_columns):
+def _mapped(ray, model: ModelFiles, data, plan: _Plan, head, input_columns):
     """The lazy Ray Dataset of outputs and the number of input rows (None if unknown)."""
-    options = dict(compute=ray.data.ActorPoolStrategy(size=plan.num_actors),
-                   num_cpus=plan.threads_per_actor,
-                   runtime_env={'env_vars': _actor_env(plan.threads_per_actor, env)})
+    options = dict(compute=ray.data.ActorPoolStrategy(size=plan.actors(ray)),
+                   num_cpus=plan.threads_per_actor, runtime_env={'env_vars': plan.env})
     model_ref = ray.put(model)
     if isinstance(data, ray.data.Dataset):
         columns = list(input_columns or model.data_names)
@@ -323,12 +330,12 @@ def batch_predict(model, data, batch_size: int = 64, *, num_actors: Optional[int
 
 def _run(model, data, batch_size, num_actors, threads_per_actor, address, env, input_columns,
          head, output='numpy'):
-    ray = init(address)
+    plan = _Plan.check(batch_size, num_actors, threads_per_actor, env)
     files = ModelFiles.read(model)
-    plan = _plan(ray, batch_size, num_actors, threads_per_actor)
+    ray = init(address)
     if isinstance(data, ray.data.Dataset):
         data = _with_row_numbers(ray, data)
-    ds, rows = _mapped(ray, files, data, plan, head, env, input_columns)
+    ds, rows = _mapped(ray, files, data, plan, head, input_columns)
     if output == 'dataset':
         return ds
     return _collect(ds, rows)
@@ -360,7 +367,7 @@ def evaluate(model, data, labels, metric: Union[str, Callable] = 'accuracy',
     if head is not None and head not in _METRICS:
         raise ValueError('metric: got %r; expected one of %s, an mx.metric.EvalMetric or a '
                          'callable metric(labels, outputs)' % (metric, list(_METRICS)))
-    ray = init(options.get('address'))
+    ray = _ray()
     if isinstance(data, ray.data.Dataset):
         if not isinstance(labels, str) or labels not in data.schema().names:
             raise ValueError('labels: got %r; with a Ray Dataset expected one of its column '

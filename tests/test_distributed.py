@@ -124,3 +124,10 @@ def test_bad_model_data_and_labels(local_ray, exported, tmp_path):
         distributed.evaluate(prefix, images, labels[:10])
     with pytest.raises(ValueError, match="metric: got 'f1'"):
         distributed.evaluate(prefix, images, labels, metric='f1')
+
+
+def test_more_actors_than_cpus_is_refused(local_ray, exported):
+    cpus = int(local_ray.cluster_resources()['CPU'])
+    with pytest.raises(ValueError, match='num_actors: got %d actors x 1 threads_per_actor, '
+                                         'more than the %d CPUs' % (cpus + 1, cpus)):
+        distributed.batch_predict(exported[0], exported[2][:10], num_actors=cpus + 1)

@@ -7,8 +7,11 @@ the model's input and repeated over 3 channels); latency at batch 1 of fused FP3
 INT8. Every model runs in its own subprocess, so a crash is recorded, not fatal.
 
     OMP_NUM_THREADS=2 python benchmarks/zoo_sweep.py [--models a,b] [--timeout 600]
+        [--no-timing] [--merge]
 
-Writes results/zoo_sweep.json and docs/zoo_sweep.md.
+Writes results/zoo_sweep.json and docs/zoo_sweep.md. ``--merge`` replaces only the rows
+of ``--models`` in the existing results and keeps the others; ``--no-timing`` skips the
+latencies (for runs on a busy machine: their cells read "not timed").
 """
 import argparse
 import json
@@ -49,7 +52,21 @@ def flat_outputs(out):
     return list(out) if isinstance(out, (list, tuple)) else [out]
 
 
-def run_one(name):
+def batched(images, batch_size):
+    """``images`` cut into batches of the preset's fixed batch size (or one batch)."""
+    if batch_size is None:
+        return [images]
+    return [images[i:i + batch_size] for i in range(0, images.shape[0], batch_size)]
+
+
+def outputs_over(block, batches):
+    """The flat outputs of ``block`` on every batch, as one float64 vector per batch."""
+    import numpy as np
+    return np.concatenate([np.concatenate([o.asnumpy().ravel() for o in flat_outputs(block(b))])
+                           for b in batches]).astype(np.float64)
+
+
+def run_one(name, timing=True):
     """Child: quantize one model and print one JSON line."""
     import logging
     import warnings
@@ -67,23 +84,27 @@ def run_one(name):
     images = real_images(family.input_shape)
     zoo.set_batchnorm_statistics(net, images[:16])
     start = time.perf_counter()
-    qnet = gluon_int8.quantize_net(net, [images[:16]], mode='entropy',
+    qnet = gluon_int8.quantize_net(net, batched(images[:16], family.batch_size), mode='entropy',
                                    **dict(family.quantize_kwargs))
     row['quantize_seconds'] = time.perf_counter() - start
     row['int8_layers'], row['fp32_layers'] = len(qnet.int8_layers), len(qnet.fp32_layers)
     test = images[16:32]
-    ref, out = flat_outputs(net(test)), flat_outputs(qnet(test))
-    a = np.concatenate([r.asnumpy().ravel() for r in ref]).astype(np.float64)
-    b = np.concatenate([o.asnumpy().ravel() for o in out]).astype(np.float64)
+    tests = batched(test, family.batch_size)
+    a, b = outputs_over(net, tests), outputs_over(qnet, tests)
     row['cosine'] = float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-30))
     if row['kind'] == 'classification':
+        ref, out = flat_outputs(net(test)), flat_outputs(qnet(test))
         row['top1_agreement'] = float((ref[0].argmax(axis=1) == out[0].argmax(axis=1)).mean().asscalar())
+    row['status'] = 'ok'
+    if not timing:
+        row['timed'] = False
+        print(json.dumps(row))
+        return
     blocks = bench.variants(net, [test[:1]], qnet)
     for variant in ('fusion', 'int8'):
         row['latency_ms_' + variant] = bench.latency_ms(blocks[variant], [(1,) + family.input_shape],
                                                         warmup=3, runs=10)
     row['speedup'] = row['latency_ms_fusion'] / row['latency_ms_int8']
-    row['status'] = 'ok'
     print(json.dumps(row))
 
 
@@ -91,16 +112,21 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--models', default=','.join(CLASSIFICATION + DETECTION))
     parser.add_argument('--timeout', type=int, default=900)
+    parser.add_argument('--no-timing', action='store_true',
+                        help='skip the latencies (busy machine); the cells read "not timed"')
+    parser.add_argument('--merge', action='store_true',
+                        help='replace only these models\' rows in results/zoo_sweep.json')
     parser.add_argument('--one', help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        run_one(args.one)
+        run_one(args.one, timing=not args.no_timing)
         return
     rows = []
     for name in args.models.split(','):
         try:
-            proc = subprocess.run([sys.executable, __file__, '--one', name], capture_output=True,
-                                  text=True, timeout=args.timeout)
+            proc = subprocess.run([sys.executable, __file__, '--one', name]
+                                  + (['--no-timing'] if args.no_timing else []),
+                                  capture_output=True, text=True, timeout=args.timeout)
             lines = [l for l in proc.stdout.splitlines() if l.startswith('{')]
             if proc.returncode == 0 and lines:
                 row = json.loads(lines[-1])
@@ -112,30 +138,59 @@ def main():
             row = {'model': name, 'status': 'error', 'error': 'timeout after %d s' % args.timeout}
         rows.append(row)
         print(json.dumps(row), flush=True)
-    write(rows)
+    write(merged(rows) if args.merge else rows, args.merge)
 
 
-def write(rows):
+def merged(new_rows):
+    """The stored rows with those of ``new_rows`` replaced (new models appended)."""
+    with open(os.path.join(ROOT, 'results', 'zoo_sweep.json')) as f:
+        rows = json.load(f)
+    new = {r['model']: r for r in new_rows}
+    out = [new.pop(r['model'], r) for r in rows]
+    return out + list(new.values())
+
+
+def _row_line(r):
+    if r['status'] != 'ok':
+        return '| %s | error | | | | | | | %s |' % (r['model'], r['error'])
+    agree = '%.2f' % r['top1_agreement'] if 'top1_agreement' in r else '-'
+    if r.get('timed', True):
+        speed = '%.2f | %.2f | %.2f' % (r['latency_ms_fusion'], r['latency_ms_int8'], r['speedup'])
+    else:
+        speed = 'not timed (busy machine) | not timed | -'
+    return '| %s | ok | %.4f | %s | %s | %d/%d | %s |' % (
+        r['model'], r['cosine'], agree, speed, r['int8_layers'], r['fp32_layers'], r['preset'])
+
+
+def _stored_about():
+    """The paragraph of docs/zoo_sweep.md that says how its stored rows were run."""
+    with open(os.path.join(ROOT, 'docs', 'zoo_sweep.md')) as f:
+        paragraphs = f.read().split('\n\n')
+    return next(p for p in paragraphs if p.startswith('Random weights'))
+
+
+def write(rows, merge=False):
     from gluon_int8 import bench
     cls = [r for r in rows if r['model'] in CLASSIFICATION]
-    good = [r for r in cls if r['status'] == 'ok' and r['cosine'] >= 0.98 and r['speedup'] > 1]
-    lines = ['# GluonCV zoo sweep', '',
-             'Random weights, BatchNorm statistics from 16 real images; cosine and top-1 '
-             'agreement of INT8 vs FP32 on 16 other real images (Fashion-MNIST resized); '
-             'latency at batch 1, OMP_NUM_THREADS=%s. Command: '
-             '`OMP_NUM_THREADS=2 python benchmarks/zoo_sweep.py`.' % bench.omp_threads(), '',
+    good = [r for r in cls if r['status'] == 'ok' and r['cosine'] >= 0.98
+            and r.get('timed', True) and r['speedup'] > 1]
+    untimed = [r['model'] for r in rows if r['status'] == 'ok' and not r.get('timed', True)]
+    about = _stored_about() if merge else (
+        'Random weights, BatchNorm statistics from 16 real images; cosine and top-1 '
+        'agreement of INT8 vs FP32 on 16 other real images (Fashion-MNIST resized); '
+        'latency at batch 1, OMP_NUM_THREADS=%s. Command: '
+        '`OMP_NUM_THREADS=2 python benchmarks/zoo_sweep.py`.' % bench.omp_threads())
+    lines = ['# GluonCV zoo sweep', '', about, '',
              '%d of %d classification models quantize with cosine >= 0.98 and run faster in '
-             'INT8 than fused FP32.' % (len(good), len(cls)), '',
-             '| model | status | cosine | top-1 agree | fused FP32 ms | INT8 ms | speedup | '
-             'INT8/FP32 layers | note |', '|---|---|---|---|---|---|---|---|---|']
-    for r in rows:
-        if r['status'] == 'ok':
-            lines.append('| %s | ok | %.4f | %s | %.2f | %.2f | %.2f | %d/%d | %s |' % (
-                r['model'], r['cosine'], '%.2f' % r['top1_agreement'] if 'top1_agreement' in r
-                else '-', r['latency_ms_fusion'], r['latency_ms_int8'], r['speedup'],
-                r['int8_layers'], r['fp32_layers'], r['preset']))
-        else:
-            lines.append('| %s | error | | | | | | | %s |' % (r['model'], r['error']))
+             'INT8 than fused FP32%s.' % (len(good), len(cls), ' (untimed rows not counted)'
+                                          if untimed else ''), '']
+    if untimed:
+        lines += ['Rows run with `--no-timing` (OMP_NUM_THREADS=%s on a busy machine, `--merge`'
+                  ' into the rows above): no latency measured, the other columns are '
+                  'comparable: %s.' % (bench.omp_threads(), ', '.join(untimed)), '']
+    lines += ['| model | status | cosine | top-1 agree | fused FP32 ms | INT8 ms | speedup | '
+              'INT8/FP32 layers | note |', '|---|---|---|---|---|---|---|---|---|']
+    lines += [_row_line(r) for r in rows]
     os.makedirs(os.path.join(ROOT, 'results'), exist_ok=True)
     os.makedirs(os.path.join(ROOT, 'docs'), exist_ok=True)
     with open(os.path.join(ROOT, 'results', 'zoo_sweep.json'), 'w') as f:

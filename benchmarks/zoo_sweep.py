@@ -82,7 +82,7 @@ def run_one(name, timing=True):
     mx.random.seed(0)
     net = zoo.get_model(name, quantized=False)
     images = real_images(family.input_shape)
-    zoo.set_batchnorm_statistics(net, images[:16])
+    zoo.set_batchnorm_statistics(net, images[:family.batch_size or 16])  # fixed: its size
     start = time.perf_counter()
     qnet = gluon_int8.quantize_net(net, batched(images[:16], family.batch_size), mode='entropy',
                                    **dict(family.quantize_kwargs))

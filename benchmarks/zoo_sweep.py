@@ -6,7 +6,8 @@ INT8 vs FP32 outputs and the top-1 agreement on 32 real images (Fashion-MNIST, r
 the model's input and repeated over 3 channels); latency at batch 1 of fused FP32 and
 INT8. Every model runs in its own subprocess, so a crash is recorded, not fatal.
 
-    OMP_NUM_THREADS=2 python benchmarks/zoo_sweep.py [--models a,b] [--timeout 600] [--mode naive]
+    OMP_NUM_THREADS=2 python benchmarks/zoo_sweep.py [--models a,b] [--timeout 600]
+        [--mode naive] [--no-timing] [--merge]
 
 Calibration is 'naive' by default: random weights give activations without the long tails
 of trained networks, and the KL search clips them (resnet50_v1 cosine 0.954 entropy vs
@@ -15,7 +16,9 @@ The column "FP32, 8-bit input" is the cosine of FP32 logits when only the input 
 to 256 levels: how chaotic the random network is on its own (mobilenet1.0: 0.955), the
 floor any INT8 result is up against.
 
-Writes results/zoo_sweep.json and docs/zoo_sweep.md.
+Writes results/zoo_sweep.json and docs/zoo_sweep.md. ``--merge`` replaces only the rows
+of ``--models`` in the existing results and keeps the others; ``--no-timing`` skips the
+latencies (for runs on a busy machine: their cells read "not timed").
 """
 import argparse
 import json
@@ -52,21 +55,34 @@ def real_images(shape, count=32):
     return mx.nd.tile(x, reps=(1, 3, 1, 1))
 
 
+def flat_outputs(out):
+    return list(out) if isinstance(out, (list, tuple)) else [out]
+
+
 def cosine(a, b) -> float:
     import numpy as np
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-30))
 
 
-def flat_outputs(out):
-    return list(out) if isinstance(out, (list, tuple)) else [out]
+def batched(images, batch_size):
+    """``images`` cut into batches of the preset's fixed batch size (or one batch)."""
+    if batch_size is None:
+        return [images]
+    return [images[i:i + batch_size] for i in range(0, images.shape[0], batch_size)]
 
 
-def run_one(name, mode):
+def outputs_over(block, batches):
+    """The flat outputs of ``block`` on every batch, as one float64 vector per batch."""
+    import numpy as np
+    return np.concatenate([np.concatenate([o.asnumpy().ravel() for o in flat_outputs(block(b))])
+                           for b in batches]).astype(np.float64)
+
+
+def run_one(name, mode, timing=True):
     """Child: quantize one model and print one JSON line."""
     import logging
     import warnings
     import mxnet as mx
-    import numpy as np
     warnings.simplefilter('ignore')
     logging.disable(logging.WARNING)
     import gluon_int8
@@ -77,29 +93,35 @@ def run_one(name, mode):
     mx.random.seed(0)
     net = zoo.get_model(name, quantized=False)
     images = real_images(family.input_shape)
-    zoo.set_batchnorm_statistics(net, images[:16])
+    zoo.set_batchnorm_statistics(net, images[:family.batch_size or 16])  # fixed: its size
     start = time.perf_counter()
-    qnet = gluon_int8.quantize_net(net, [images[:16]], mode=mode,
+    qnet = gluon_int8.quantize_net(net, batched(images[:16], family.batch_size), mode=mode,
                                    **dict(family.quantize_kwargs))
-    row['mode'] = mode
     row['quantize_seconds'] = time.perf_counter() - start
     row['int8_layers'], row['fp32_layers'] = len(qnet.int8_layers), len(qnet.fp32_layers)
     test = images[16:32]
-    ref, out = flat_outputs(net(test)), flat_outputs(qnet(test))
-    a = np.concatenate([r.asnumpy().ravel() for r in ref]).astype(np.float64)
-    b = np.concatenate([o.asnumpy().ravel() for o in out]).astype(np.float64)
-    row['cosine'] = cosine(a, b)
+    tests = batched(test, family.batch_size)
+    a, b = outputs_over(net, tests), outputs_over(qnet, tests)
+    row['cosine'], row['mode'] = cosine(a, b), mode
     step = float(test.abs().max().asscalar()) / 127  # the input alone at 8 bits, FP32 after
-    c = np.concatenate([o.asnumpy().ravel() for o in flat_outputs(net((test / step).round() * step))])
-    row['fp32_input8_cosine'] = cosine(a, c.astype(np.float64))
+    row['fp32_input8_cosine'] = cosine(a, outputs_over(net, [(t / step).round() * step
+                                                             for t in tests]))
     if row['kind'] == 'classification':
+        ref, out = flat_outputs(net(test)), flat_outputs(qnet(test))
         row['top1_agreement'] = float((ref[0].argmax(axis=1) == out[0].argmax(axis=1)).mean().asscalar())
+    row['status'] = 'ok'
     blocks = bench.variants(net, [test[:1]], qnet)
+    if not timing:  # still run what the timing runs: 4 calls of each at batch 1
+        for variant in ('fusion', 'int8'):
+            for _ in range(4):
+                flat_outputs(blocks[variant](test[:1]))[0].wait_to_read()
+        row['timed'] = False
+        print(json.dumps(row))
+        return
     for variant in ('fusion', 'int8'):
         row['latency_ms_' + variant] = bench.latency_ms(blocks[variant], [(1,) + family.input_shape],
                                                         warmup=3, runs=10)
     row['speedup'] = row['latency_ms_fusion'] / row['latency_ms_int8']
-    row['status'] = 'ok'
     print(json.dumps(row))
 
 
@@ -107,16 +129,21 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--models', default=','.join(CLASSIFICATION + DETECTION))
     parser.add_argument('--timeout', type=int, default=900)
-    parser.add_argument('--mode', default='naive')
+    parser.add_argument('--mode', default='naive', help='calibration mode (default naive)')
+    parser.add_argument('--no-timing', action='store_true',
+                        help='skip the latencies (busy machine); the cells read "not timed"')
+    parser.add_argument('--merge', action='store_true',
+                        help='replace only these models\' rows in results/zoo_sweep.json')
     parser.add_argument('--one', help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        run_one(args.one, args.mode)
+        run_one(args.one, args.mode, timing=not args.no_timing)
         return
     rows = []
     for name in args.models.split(','):
         try:
-            proc = subprocess.run([sys.executable, __file__, '--one', name, '--mode', args.mode],
+            proc = subprocess.run([sys.executable, __file__, '--one', name, '--mode', args.mode]
+                                  + (['--no-timing'] if args.no_timing else []),
                                   capture_output=True, text=True, timeout=args.timeout)
             lines = [l for l in proc.stdout.splitlines() if l.startswith('{')]
             if proc.returncode == 0 and lines:
@@ -129,35 +156,65 @@ def main():
             row = {'model': name, 'status': 'error', 'error': 'timeout after %d s' % args.timeout}
         rows.append(row)
         print(json.dumps(row), flush=True)
-    write(rows, args.mode)
+    write(merged(rows) if args.merge else rows, args.mode, args.merge)
 
 
-def write(rows, mode):
+def merged(new_rows):
+    """The stored rows with those of ``new_rows`` replaced (new models appended)."""
+    with open(os.path.join(ROOT, 'results', 'zoo_sweep.json')) as f:
+        rows = json.load(f)
+    new = {r['model']: r for r in new_rows}
+    out = [new.pop(r['model'], r) for r in rows]
+    return out + list(new.values())
+
+
+def _row_line(r):
+    if r['status'] != 'ok':
+        return '| %s | error | | | | | | | | %s |' % (r['model'], r['error'])
+    agree = '%.2f' % r['top1_agreement'] if 'top1_agreement' in r else '-'
+    if r.get('timed', True):
+        speed = '%.2f | %.2f | %.2f' % (r['latency_ms_fusion'], r['latency_ms_int8'], r['speedup'])
+    else:
+        speed = 'not timed (busy machine) | not timed | -'
+    chaos = '%.4f' % r['fp32_input8_cosine'] if 'fp32_input8_cosine' in r else '-'
+    return '| %s | ok | %.4f | %s | %s | %s | %d/%d | %s |' % (
+        r['model'], r['cosine'], chaos, agree, speed, r['int8_layers'], r['fp32_layers'],
+        r['preset'])
+
+
+def _stored_about():
+    """The paragraph of docs/zoo_sweep.md that says how its stored rows were run."""
+    with open(os.path.join(ROOT, 'docs', 'zoo_sweep.md')) as f:
+        paragraphs = f.read().split('\n\n')
+    return next(p for p in paragraphs if p.startswith('Random weights'))
+
+
+def write(rows, mode, merge=False):
     from gluon_int8 import bench
     cls = [r for r in rows if r['model'] in CLASSIFICATION]
-    good = [r for r in cls if r['status'] == 'ok' and r['cosine'] >= 0.98 and r['speedup'] > 1]
-    lines = ['# GluonCV zoo sweep', '',
-             'Random weights, BatchNorm statistics from 16 real images, %s calibration on '
-             'them; cosine and top-1 agreement of INT8 vs FP32 on 16 other real images '
-             '(Fashion-MNIST resized); "FP32, 8-bit input": cosine of FP32 with only its input '
-             'rounded to 8 bits (the chaos of the random network alone); latency at batch 1. '
-             'Command: `%s python benchmarks/zoo_sweep.py %s`.'
-             % (mode, ' '.join('%s=%s' % kv for kv in sorted(bench.environment().items())),
-                ' '.join(sys.argv[1:])), '',
+    good = [r for r in cls if r['status'] == 'ok' and r['cosine'] >= 0.98
+            and r.get('timed', True) and r['speedup'] > 1]
+    untimed = [r['model'] for r in rows if r['status'] == 'ok' and not r.get('timed', True)]
+    about = _stored_about() if merge else (
+        'Random weights, BatchNorm statistics from 16 real images (1 for presets with a '
+        'fixed batch size), %s calibration on them; cosine and top-1 agreement of INT8 vs '
+        'FP32 on 16 other real images (Fashion-MNIST resized); "FP32, 8-bit input": cosine '
+        'of FP32 with only its input rounded to 8 bits (the chaos of the random network '
+        'alone); latency at batch 1. Command: `%s python benchmarks/zoo_sweep.py %s`.'
+        % (mode, ' '.join('%s=%s' % kv for kv in sorted(bench.environment().items())),
+           ' '.join(sys.argv[1:])))
+    lines = ['# GluonCV zoo sweep', '', about, '',
              '%d of %d classification models quantize with cosine >= 0.98 and run faster in '
-             'INT8 than fused FP32.' % (len(good), len(cls)), '',
-             '| model | status | cosine | FP32, 8-bit input | top-1 agree | fused FP32 ms | '
-             'INT8 ms | speedup | INT8/FP32 layers | note |',
-             '|---|---|---|---|---|---|---|---|---|---|']
-    for r in rows:
-        if r['status'] == 'ok':
-            lines.append('| %s | ok | %.4f | %.4f | %s | %.2f | %.2f | %.2f | %d/%d | %s |' % (
-                r['model'], r['cosine'], r['fp32_input8_cosine'],
-                '%.2f' % r['top1_agreement'] if 'top1_agreement' in r
-                else '-', r['latency_ms_fusion'], r['latency_ms_int8'], r['speedup'],
-                r['int8_layers'], r['fp32_layers'], r['preset']))
-        else:
-            lines.append('| %s | error | | | | | | | | %s |' % (r['model'], r['error']))
+             'INT8 than fused FP32%s.' % (len(good), len(cls), ' (untimed rows not counted)'
+                                          if untimed else ''), '']
+    if untimed:
+        lines += ['Rows run with `--no-timing` (OMP_NUM_THREADS=%s on a busy machine, `--merge`'
+                  ' into the rows above): no latency measured, the other columns are '
+                  'comparable: %s.' % (bench.omp_threads(), ', '.join(untimed)), '']
+    lines += ['| model | status | cosine | FP32, 8-bit input | top-1 agree | fused FP32 ms | '
+              'INT8 ms | speedup | INT8/FP32 layers | note |',
+              '|---|---|---|---|---|---|---|---|---|---|']
+    lines += [_row_line(r) for r in rows]
     os.makedirs(os.path.join(ROOT, 'results'), exist_ok=True)
     os.makedirs(os.path.join(ROOT, 'docs'), exist_ok=True)
     with open(os.path.join(ROOT, 'results', 'zoo_sweep.json'), 'w') as f:

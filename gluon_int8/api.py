@@ -22,7 +22,7 @@ from .calibrate import collect_statistics, make_table
 from .collectors import DEFAULT_NUM_BINS, Collector, HistogramCollector, MinMaxCollector
 from .data import iter_batches
 from .quantize_graph import (GRANULARITIES, graph_nodes, quantize_node_inputs,
-                             quantize_offline_params, quantize_symbol, resolve_exclusions,
+                             quantize_graph, quantize_offline_params, resolve_exclusions,
                              set_calib_table, summarize)
 from .report import fp32_reference
 from .table import CalibrationTable, optional_table
@@ -179,9 +179,9 @@ def quantize_net(block: HybridBlock, calib_data=None, mode='entropy', *,
     nodes = graph_nodes(fused)
     excluded = resolve_exclusions(nodes, opts.exclude_layers, opts.exclude_layers_match,
                                   opts.exclude_operators)
-    qsym, calib_layers = quantize_symbol(fused, sorted(excluded), list(traced.arg_params),
-                                         opts.quantized_dtype, opts.quantize_mode,
-                                         opts.granularity)
+    qsym, calib_layers, excluded = quantize_graph(fused, excluded, list(traced.arg_params),
+                                                  opts.quantized_dtype, opts.quantize_mode,
+                                                  opts.granularity)
     table = _calibration_table(fused, traced, calib_layers, quantize_node_inputs(qsym), batches,
                                opts, calib_table, progress, _length(calib_data, opts))
     return build_block(traced, fused, nodes, excluded, qsym, table)

@@ -9,7 +9,10 @@ owns what the built-in Python layer gets wrong or leaves out:
   node names *and* the original layer names inside each fused node (a user names
   ``conv0``, the fused graph calls it ``sg_mkldnn_conv_bn_act_0``);
 * a warning for every exclusion that matches nothing;
-* a per-layer summary: which layers run INT8, which stay FP32, and why.
+* a per-layer summary: which layers run INT8, which stay FP32, and why;
+* INT8 kernels that read int8 inputs only (MXNet 1.9.1's elementwise multiply) never get
+  uint8: the quantize nodes feeding them are made int8, and where an input is uint8
+  whatever the ranges (a conv with a fused ReLU) the op stays FP32 (:func:`quantize_graph`).
 """
 import ctypes
 import dataclasses
@@ -20,8 +23,11 @@ import re
 from typing import Dict, Iterable, List, Mapping, Sequence, Tuple
 
 import mxnet as mx
+import numpy as np
 from mxnet.base import _LIB, check_call, c_array, c_str, c_str_array, mx_uint, py_str
 from mxnet.base import SymbolHandle
+
+from .fuse import fuse
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +40,17 @@ INT8_CAPABLE_OPS = frozenset([
     '_sg_mkldnn_conv', '_sg_mkldnn_fully_connected', 'Convolution', 'FullyConnected',
     'Pooling', 'Concat', 'Flatten', 'elemwise_add', 'elemwise_mul', 'Activation',
     'BatchNorm', 'Embedding'])
+
+
+# INT8 kernels of MXNet 1.9.1 that read both data inputs as int8. The type inference of
+# _contrib_quantized_elemwise_mul only logs "only support int8 inputs" when given uint8,
+# and the kernel then stops in a TBlob check ("data type do not match specified type.
+# Expected: unsigned char v.s. given char"): hard-swish (x * hard_sigmoid(x), whose gate
+# is >= 0 and so calibrates to uint8) hits it in MobileNetV3.
+INT8_INPUT_ONLY_OPS = frozenset(['_contrib_quantized_elemwise_mul'])
+# Nodes whose output type is their out_type attribute ('auto': uint8 when the calibrated
+# min is >= 0); an int8 kernel reads their output correctly once out_type is 'int8'.
+_RETYPABLE_OPS = frozenset(['_contrib_quantize_v2', '_contrib_requantize'])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,6 +143,79 @@ def quantize_symbol(symbol: mx.sym.Symbol, excluded_names: Sequence[str],
         ctypes.byref(num_calib), ctypes.byref(calib_names)))
     layers = [py_str(calib_names[i]) for i in range(num_calib.value)]
     return mx.sym.Symbol(out), layers
+
+
+def quantize_graph(symbol: mx.sym.Symbol, excluded: Mapping[str, str],
+                   offline_params: Sequence[str], quantized_dtype: str, quantize_mode: str,
+                   granularity: str) -> Tuple[mx.sym.Symbol, List[str], Dict[str, str]]:
+    """:func:`quantize_symbol`, safe for the kernels in :data:`INT8_INPUT_ONLY_OPS`.
+
+    The quantize/requantize nodes feeding such a kernel emit int8. An input that is uint8
+    whatever the calibration says (a oneDNN conv with a fused ReLU, or uint8 passed on by
+    pooling) keeps that op FP32, and the pass runs again without it. Returns the INT8
+    symbol, the outputs needing thresholds and ``excluded`` plus those ops, each with
+    its reason.
+    """
+    reasons = dict(excluded)
+    data = [a for a in symbol.list_arguments() if a not in set(offline_params)]
+    while True:
+        qsym, layers = quantize_symbol(symbol, sorted(reasons), offline_params,
+                                       quantized_dtype, quantize_mode, granularity)
+        qsym = _int8_into_int8_only_ops(qsym)
+        conflicts = uint8_into_int8_only_ops(qsym, layers, data)
+        if not conflicts:
+            return qsym, layers, reasons
+        if set(conflicts) <= set(reasons):
+            raise RuntimeError('quantize: layers %s still get uint8 inputs after they were '
+                               'excluded' % sorted(conflicts))
+        for name, reason in conflicts.items():
+            log.info('%s stays FP32: %s', name, reason)
+        reasons.update(conflicts)
+
+
+def _int8_into_int8_only_ops(qsym: mx.sym.Symbol) -> mx.sym.Symbol:
+    """``qsym`` with out_type='int8' on every quantize/requantize node feeding an op of
+    :data:`INT8_INPUT_ONLY_OPS` (other consumers of that node read int8 as well)."""
+    graph = json.loads(qsym.tojson())
+    nodes, changed = graph['nodes'], False
+    for node in nodes:
+        if node['op'] not in INT8_INPUT_ONLY_OPS:
+            continue
+        for src, _, _ in node['inputs'][:2]:
+            attrs = nodes[src].setdefault('attrs', {})
+            if nodes[src]['op'] in _RETYPABLE_OPS and attrs.get('out_type') != 'int8':
+                attrs['out_type'] = 'int8'
+                changed = True
+    return mx.sym.load_json(json.dumps(graph)) if changed else qsym
+
+
+def uint8_into_int8_only_ops(qsym: mx.sym.Symbol, calib_layers: Sequence[str],
+                             data_names: Sequence[str]) -> Dict[str, str]:
+    """Fused node name -> reason, for every op of :data:`INT8_INPUT_ONLY_OPS` in ``qsym``
+    that would get a uint8 input.
+
+    Worst case: every calibrated range is set non-negative (so every 'auto' node turns
+    uint8), the post-quantization fusion runs, and MXNet's own type inference says what
+    each op receives.
+    """
+    copy = mx.sym.load_json(qsym.tojson())  # the C++ pass writes ranges into shared nodes
+    probe = fuse(set_calib_table(copy, {name: (0.0, 1.0) for name in calib_layers}))
+    internals = probe.get_internals()
+    _, out_types, _ = internals.infer_type_partial(**{n: 'float32' for n in data_names})
+    dtype = dict(zip(internals.list_outputs(), out_types))
+    output_name = {(node, idx): out for node, idx, out in graph_outputs(probe)}
+    nodes = json.loads(probe.tojson())['nodes']
+    conflicts = {}
+    for node in nodes:
+        if node['op'] not in INT8_INPUT_ONLY_OPS:
+            continue
+        for src, idx, _ in node['inputs'][:2]:
+            if dtype.get(output_name[(nodes[src]['name'], idx)]) is np.uint8:
+                name = node['name'][len('quantized_'):]
+                conflicts.setdefault(name, (
+                    'MXNet 1.9.1 INT8 %s reads int8 inputs only; input %s (op %s) can be uint8'
+                    % (node['op'], nodes[src]['name'], nodes[src]['op'])))
+    return conflicts
 
 
 def graph_outputs(symbol: mx.sym.Symbol) -> List[Tuple[str, int, str]]:

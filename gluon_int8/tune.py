@@ -45,7 +45,7 @@ from .block import QuantizedBlock
 from .calibrate import collect_statistics
 from .collectors import HistogramCollector
 from .data import iter_batches
-from .quantize_graph import (GRANULARITIES, graph_nodes, quantize_node_inputs, quantize_symbol,
+from .quantize_graph import (GRANULARITIES, graph_nodes, quantize_graph, quantize_node_inputs,
                              resolve_exclusions)
 from .thresholds import THRESHOLDS
 from .trace import count_inputs, trace
@@ -291,9 +291,10 @@ class _Builder:
         """The INT8 block of one config from the stored statistics (no data pass)."""
         reasons = dict(tuned)
         reasons.update(self.user_excluded)  # a user's exclusion keeps the user's reason
-        qsym, layers = quantize_symbol(self.fused, sorted(reasons), list(self.traced.arg_params),
-                                       self.opts.quantized_dtype, self.opts.quantize_mode,
-                                       granularity)
+        qsym, layers, reasons = quantize_graph(self.fused, reasons,
+                                               list(self.traced.arg_params),
+                                               self.opts.quantized_dtype,
+                                               self.opts.quantize_mode, granularity)
         missing = sorted(set(layers) - set(self.stats))
         if missing:
             raise RuntimeError('tune: calibration collected no statistics for %s' % missing)

@@ -121,6 +121,35 @@ class TwoOutputs(nn.HybridBlock):
         return self.head1(y), self.head2(y)
 
 
+class HardSwish(nn.HybridBlock):
+    """MobileNetV3's activation after a conv: x * relu6(x + 3) / 6. The gate is >= 0, so
+    with quantized_dtype='auto' it calibrates to uint8 while x (no ReLU) is int8."""
+
+    def __init__(self, channels=16, **kwargs):
+        super().__init__(**kwargs)
+        self.conv = nn.Conv2D(channels, 3, padding=1, use_bias=False)
+        self.bn = nn.BatchNorm()
+        self.project = nn.Conv2D(channels, 1)
+
+    def hybrid_forward(self, F, x):
+        y = self.bn(self.conv(x))
+        return self.project(y * (F.clip(y + 3.0, 0.0, 6.0) / 6.0))
+
+
+class GatedReLU(nn.HybridBlock):
+    """relu(conv(x)) * (1 + sigmoid(conv(x))): a conv with a fused ReLU emits uint8 and the
+    INT8 add of a value >= 1 emits uint8; neither can be made int8 by a quantize node."""
+
+    def __init__(self, channels=16, **kwargs):
+        super().__init__(**kwargs)
+        self.a = ConvBNAct(channels)
+        self.b = nn.Conv2D(channels, 1)
+        self.project = nn.Conv2D(channels, 1)
+
+    def hybrid_forward(self, F, x):
+        return self.project(self.a(x) * (F.sigmoid(self.b(x)) + 1.0))
+
+
 def make_net(cls, *shapes, seed=0):
     """An initialized block with BN statistics that keep activations alive."""
     mx.random.seed(seed)

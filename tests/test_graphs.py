@@ -44,3 +44,28 @@ def test_modes_and_granularity(mode, granularity, tmp_path):
     net, inputs = make_net(ConvBNSum, (8, 3, 16, 16))
     check_quantize(net, inputs, [CONV], tmp_path, mode=mode, granularity=granularity,
                    min_cosine=0.98)
+
+
+MUL = '_contrib_quantized_elemwise_mul'
+
+
+def test_int8_mul_gets_int8_inputs(tmp_path):
+    """MXNet 1.9.1's INT8 elemwise_mul reads int8 only; the uint8 gate of hard-swish used to
+    stop it ("data type do not match specified type. Expected: unsigned char v.s. given
+    char"). Its quantize node is made int8 and the multiply runs INT8."""
+    from conftest import HardSwish
+    net, inputs = make_net(HardSwish, (4, 3, 16, 16))
+    qnet = check_quantize(net, inputs, [CONV, MUL], tmp_path, min_cosine=0.98)
+    mul = [l for l in qnet.layers if l.op == 'elemwise_mul']
+    assert [l.dtype for l in mul] == ['int8']
+
+
+def test_mul_fed_uint8_stays_fp32(tmp_path):
+    """A multiply whose input is uint8 whatever the ranges (a conv with a fused ReLU) stays
+    FP32, with the reason in the layer table, instead of failing in the kernel."""
+    from conftest import GatedReLU
+    net, inputs = make_net(GatedReLU, (4, 3, 16, 16))
+    qnet = check_quantize(net, inputs, [CONV], tmp_path, min_cosine=0.98)
+    mul = [l for l in qnet.layers if l.op == 'elemwise_mul']
+    assert len(mul) == 1 and mul[0].dtype == 'fp32'
+    assert 'reads int8 inputs only' in mul[0].reason and 'uint8' in mul[0].reason

@@ -177,19 +177,21 @@ def _as_boxes(param: str, value, index: int, cols: int) -> np.ndarray:
 
 def _per_image(pred_boxes, pred_scores, pred_ids, gt_boxes, gt_ids):
     """Validated per-image arrays, predictions with id < 0 (SSD padding) dropped."""
-    lists = (pred_boxes, pred_scores, pred_ids, gt_boxes, gt_ids)
-    names = ('pred_boxes', 'pred_scores', 'pred_ids', 'gt_boxes', 'gt_ids')
-    if len({len(v) for v in lists}) != 1:
-        raise ValueError('%s: got %s images; every list needs one entry per image'
-                         % ('/'.join(names), [len(v) for v in lists]))
-    for i, (pb, ps, pi, gb, gi) in enumerate(zip(*lists)):
+    named = {'pred_boxes': pred_boxes, 'pred_scores': pred_scores, 'pred_ids': pred_ids,
+             'gt_boxes': gt_boxes, 'gt_ids': gt_ids}
+    for name, value in named.items():
+        if len(value) != len(pred_boxes):
+            raise ValueError('%s: got %d images, pred_boxes has %d; every list needs one '
+                             'entry per image' % (name, len(value), len(pred_boxes)))
+    for i, (pb, ps, pi, gb, gi) in enumerate(zip(*named.values())):
         pb, gb = _as_boxes('pred_boxes', pb, i, 4), _as_boxes('gt_boxes', gb, i, 4)
         ps, pi, gi = (_as_boxes(n, v, i, 0) for n, v in
                       (('pred_scores', ps), ('pred_ids', pi), ('gt_ids', gi)))
-        if not len(pb) == len(ps) == len(pi) or len(gb) != len(gi):
-            raise ValueError('image %d: %d pred_boxes, %d pred_scores, %d pred_ids, %d gt_boxes,'
-                             ' %d gt_ids; boxes and their scores/ids must pair up'
-                             % (i, len(pb), len(ps), len(pi), len(gb), len(gi)))
+        for name, arr, boxes in (('pred_scores', ps, pb), ('pred_ids', pi, pb),
+                                 ('gt_ids', gi, gb)):
+            if len(arr) != len(boxes):
+                raise ValueError('%s[%d]: got %d values for %d boxes; expected one per box'
+                                 % (name, i, len(arr), len(boxes)))
         keep = pi >= 0
         yield pb[keep], ps[keep], pi[keep].astype(int), gb, gi.astype(int)
 

@@ -38,6 +38,11 @@ bench-seed: .venv/.installed
 bench-sweep: .venv/.installed
 	$(PY) benchmarks/zoo_sweep.py
 
+# SSD detection: FP32 vs INT8 VOC mAP of the shipped Fashion-MNIST SSD (results/ssd_map.*)
+.PHONY: bench-ssd
+bench-ssd: .venv/.installed
+	$(PY) benchmarks/ssd_map.py
+
 # the exporter half runs in .venv (MXNet), which needs the onnx package for it
 .venv/.onnx-installed: .venv/.installed requirements-export.txt
 	.venv/bin/pip install -q -r requirements-export.txt

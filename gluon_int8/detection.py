@@ -292,8 +292,8 @@ def _conv(channels: int, kernel: int, strides: int = 1) -> nn.HybridSequential:
 class LightFeatures(nn.HybridBlock):
     """A small VGG-like base for a 300x300 SSD: 3x3 Conv-BN-ReLU units, four outputs
     (19x19, 10x10, 5x5 and 3x3 for a 300x300 input). Plain convolutions rather than
-    MobileNet's depthwise ones: MXNet's CPU backward pass of a depthwise convolution made
-    training 5x slower for the same output sizes."""
+    MobileNet's depthwise ones: with MXNet's CPU backward pass of depthwise convolutions,
+    a MobileNet-like base of similar size trained about 5x slower."""
 
     #: (channels, stride) of the units before the first output (stride 16)
     TRUNK = ((16, 2), (32, 2), (32, 1), (64, 2), (64, 1), (96, 2), (96, 1))

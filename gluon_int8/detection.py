@@ -100,7 +100,7 @@ def _place(rng, canvas, items, labels, boxes, lo, hi, scale_range, max_overlap) 
         return
 
 
-def make_image(split: str, index: int, seed: int = 0, size: int = 300,
+def _make_image(split: str, index: int, seed: int = 0, size: int = 300,
                max_objects: int = 4, scale_range=(40.0, 140.0), max_overlap: float = 0.2,
                root: Optional[str] = None) -> Tuple[np.ndarray, np.ndarray]:
     """Image ``index`` of ``split``: ``(uint8 (size, size, 3), float32 (k, 5) boxes)``."""
@@ -131,7 +131,7 @@ def make_detection_set(split: str, num_images: int, seed: int = 0, size: int = 3
     images = np.empty((num_images, size, size, 3), dtype=np.uint8)
     labels = []
     for i in range(num_images):
-        images[i], boxes = make_image(split, start + i, seed, size, max_objects, scale_range,
+        images[i], boxes = _make_image(split, start + i, seed, size, max_objects, scale_range,
                                       max_overlap, root)
         labels.append(boxes)
     log.debug('%s split: %d images from index %d (seed %d)', split, num_images, start, seed)

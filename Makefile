@@ -9,7 +9,7 @@ PEER_ARGS ?=
 THREADS ?= 2
 export OMP_NUM_THREADS := $(THREADS)
 
-.PHONY: demo test bench-calibration bench-accuracy bench-seed bench-sweep bench-scale peers clean clean-peers
+.PHONY: demo test bench-calibration bench-accuracy bench-seed bench-sweep bench-scale bench-ssd peers clean clean-peers
 
 .venv/.installed: requirements.txt requirements-test.txt setup.cfg setup.py
 	python3 -m venv .venv
@@ -41,6 +41,10 @@ bench-sweep: .venv/.installed
 # Ray batch inference (1 and N actors) against one process; SCALE_ARGS=--address=auto for a cluster
 bench-scale: .venv/.installed
 	$(PY) benchmarks/scale.py $(SCALE_ARGS)
+
+# SSD detection: FP32 vs INT8 VOC mAP of the shipped Fashion-MNIST SSD (results/ssd_map.*)
+bench-ssd: .venv/.installed
+	$(PY) benchmarks/ssd_map.py
 
 # the exporter half runs in .venv (MXNet), which needs the onnx package for it
 .venv/.onnx-installed: .venv/.installed requirements-export.txt

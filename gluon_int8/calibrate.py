@@ -17,7 +17,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
 import mxnet as mx
 import numpy as np
-from mxnet.base import _LIB, NDArrayHandle, check_call, py_str
+from mxnet.base import NDArrayHandle, py_str
 
 from .collectors import Collector, LayerStats
 from .data import Batch
@@ -45,39 +45,22 @@ class OpHook:
 
     ``mapping`` maps the names hooks report to the caller's keys. Errors cannot cross
     MXNet's C callback: the first one is kept and :func:`run_hooked` raises it.
-
-    With ``reuse_buffers`` every output is copied into one buffer per shape that lives
-    as long as the hook, valid only during the ``sink`` call: a fresh numpy array per
-    output costs a page fault per 4 KiB on first touch, about a third of the copy.
     """
 
-    def __init__(self, mapping: Dict[str, object], sink: Callable = None,
-                 reuse_buffers: bool = False):
+    def __init__(self, mapping: Dict[str, object], sink: Callable = None):
         self.mapping = mapping
         self.sink = sink
         self.error: Optional[Exception] = None
-        self._buffers: Optional[Dict[tuple, np.ndarray]] = {} if reuse_buffers else None
 
     def __call__(self, name, op_name, handle):
         key = self.mapping.get(py_str(name))
         if key is None or self.error is not None:
             return
         try:
-            self.sink(key, py_str(op_name), self._copy(ctypes.cast(handle, NDArrayHandle)))
+            arr = mx.nd.NDArray(ctypes.cast(handle, NDArrayHandle), writable=False).asnumpy()
+            self.sink(key, py_str(op_name), arr)
         except Exception as err:  # noqa: BLE001 - must not escape into the C callback
             self.error = err
-
-    def _copy(self, handle) -> np.ndarray:
-        array = mx.nd.NDArray(handle, writable=False)
-        if self._buffers is None:
-            return array.asnumpy()
-        shape, dtype = array.shape, np.dtype(array.dtype)
-        buf = self._buffers.get((shape, dtype))
-        if buf is None:
-            buf = self._buffers[(shape, dtype)] = np.empty(shape, dtype)
-        check_call(_LIB.MXNDArraySyncCopyToCPU(handle, buf.ctypes.data_as(ctypes.c_void_p),
-                                               ctypes.c_size_t(buf.size)))
-        return buf
 
 
 def hooked_block(symbol: mx.sym.Symbol, data_names: Sequence[str], values, hook: OpHook):
@@ -130,7 +113,7 @@ def collect_statistics(symbol: mx.sym.Symbol, data_names: Sequence[str], arg_par
                        progress: bool = False, total: Optional[int] = None) -> Dict[str, LayerStats]:
     """Run ``symbol`` (FP32) over ``batches`` and return the collector's statistics."""
     sink = _StatsSink(collector)
-    hook = OpHook(hook_names(symbol, layers), sink, reuse_buffers=True)
+    hook = OpHook(hook_names(symbol, layers), sink)
     block = hooked_block(symbol, data_names, {**aux_params, **arg_params}, hook)
     input_layers = [(i, n) for i, n in enumerate(data_names) if n in set(layers)]
     for batch in _progress(batches, progress, total):

@@ -55,3 +55,14 @@ def test_ssd_quantizes_exports_and_loads_identically(tmp_path):
                                                 prefix + '-0000.params')):
         for a, b in zip(loaded(images[8:]), (ids, scores, boxes)):
             np.testing.assert_array_equal(a.asnumpy(), b.asnumpy())
+
+
+def test_full_mode_on_a_detector_warns(caplog):
+    net, images = tiny_ssd()
+    with caplog.at_level('WARNING', logger='gluon_int8.api'):
+        gluon_int8.quantize_net(net, [images[:8]], quantize_mode='full')
+    assert "quantize_mode='full' on a graph with _contrib_box_nms" in caplog.text
+    caplog.clear()
+    with caplog.at_level('WARNING', logger='gluon_int8.api'):
+        gluon_int8.quantize_net(net, [images[:8]], quantize_mode='smart')
+    assert "quantize_mode='full'" not in caplog.text

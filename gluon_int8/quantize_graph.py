@@ -42,12 +42,15 @@ INT8_CAPABLE_OPS = frozenset([
     'BatchNorm', 'Embedding'])
 
 
-# INT8 kernels of MXNet 1.9.1 that read both data inputs as int8. The type inference of
+# INT8 kernels of MXNet 1.9.1 that read their data input(s) as int8. The type inference of
 # _contrib_quantized_elemwise_mul only logs "only support int8 inputs" when given uint8,
 # and the kernel then stops in a TBlob check ("data type do not match specified type.
 # Expected: unsigned char v.s. given char"): hard-swish (x * hard_sigmoid(x), whose gate
-# is >= 0 and so calibrates to uint8) hits it in MobileNetV3.
-INT8_INPUT_ONLY_OPS = frozenset(['_contrib_quantized_elemwise_mul'])
+# is >= 0 and so calibrates to uint8) hits it in MobileNetV3. _contrib_quantized_act
+# declares an int8 output and never checks its input: fed the uint8 output of an INT8
+# elemwise_add (SE blocks, where the gate's multiply keeps the add out of the conv's sum
+# fusion) it reads values above 127 as negative and its ReLU zeroes them, silently.
+INT8_INPUT_ONLY_OPS = frozenset(['_contrib_quantized_elemwise_mul', '_contrib_quantized_act'])
 # Nodes whose output type is their out_type attribute ('auto': uint8 when the calibrated
 # min is >= 0); an int8 kernel reads their output correctly once out_type is 'int8'.
 _RETYPABLE_OPS = frozenset(['_contrib_quantize_v2', '_contrib_requantize'])

@@ -121,6 +121,21 @@ class TwoOutputs(nn.HybridBlock):
         return self.head1(y), self.head2(y)
 
 
+class SumOfReLUsReLU(nn.HybridBlock):
+    """relu(relu(conv_a(x)) + relu(conv_b(x))), as in SE blocks where the gate's multiply
+    keeps the residual add out of the conv's sum fusion: an INT8 elemwise_add of two
+    uint8 tensors emits uint8 and a standalone ReLU follows it."""
+
+    def __init__(self, channels=16, **kwargs):
+        super().__init__(**kwargs)
+        self.a = nn.Conv2D(channels, 3, padding=1, activation='relu')
+        self.b = nn.Conv2D(channels, 3, padding=1, activation='relu')
+        self.project = nn.Conv2D(channels, 1)
+
+    def hybrid_forward(self, F, x):
+        return self.project(F.relu(self.a(x) + self.b(x)))
+
+
 class HardSwish(nn.HybridBlock):
     """MobileNetV3's activation after a conv: x * relu6(x + 3) / 6. The gate is >= 0, so
     with quantized_dtype='auto' it calibrates to uint8 while x (no ReLU) is int8."""

@@ -69,3 +69,14 @@ def test_mul_fed_uint8_stays_fp32(tmp_path):
     mul = [l for l in qnet.layers if l.op == 'elemwise_mul']
     assert len(mul) == 1 and mul[0].dtype == 'fp32'
     assert 'reads int8 inputs only' in mul[0].reason and 'uint8' in mul[0].reason
+
+
+def test_relu_after_uint8_add_stays_fp32(tmp_path):
+    """MXNet 1.9.1's INT8 Activation declares int8 output and never checks its input: fed
+    the uint8 output of an INT8 add it read values above 127 as negative and zeroed them
+    (se_resnext50's cosine fell to 0.77 from it). That ReLU now stays FP32, with why."""
+    from conftest import SumOfReLUsReLU
+    net, inputs = make_net(SumOfReLUsReLU, (4, 3, 16, 16))
+    qnet = check_quantize(net, inputs, [CONV], tmp_path, min_cosine=0.999)  # was 0.9936
+    act = [l for l in qnet.layers if l.op == 'Activation']
+    assert len(act) == 1 and act[0].dtype == 'fp32' and 'uint8' in act[0].reason

@@ -198,6 +198,8 @@ def _read_params(path: str) -> dict:
     except mx.base.MXNetError as err:
         raise ValueError('prefix: %r is truncated or corrupted (%s)'
                          % (path, _first_line(err))) from err
+    if not saved:  # mx.nd.save of no arrays loads back as an empty list
+        return {}
     if not isinstance(saved, dict):
         raise ValueError('prefix: %r holds no named parameters' % path)
     return {k.split(':', 1)[-1]: v for k, v in saved.items()}
@@ -213,13 +215,7 @@ def _read_fp32_graph(prefix: str, meta: dict) -> Optional[FP32Graph]:
         log.warning('prefix: %r has no file %r; the model loads, but report() needs it',
                     prefix, path)
         return None
-    try:
-        saved = mx.nd.load(path)
-    except mx.base.MXNetError as err:
-        raise ValueError('prefix: %r is truncated or corrupted (%s)'
-                         % (path, _first_line(err))) from err
-    params = {k.split(':', 1)[-1]: v for k, v in saved.items()} if saved else {}
-    return FP32Graph(mx.sym.load_json(json.dumps(graph)), params)
+    return FP32Graph(mx.sym.load_json(json.dumps(graph)), _read_params(path))
 
 
 def load(prefix: str, epoch: int = 0) -> QuantizedBlock:

@@ -50,7 +50,8 @@ INT8_CAPABLE_OPS = frozenset([
 # declares an int8 output and never checks its input: fed the uint8 output of an INT8
 # elemwise_add (SE blocks, where the gate's multiply keeps the add out of the conv's sum
 # fusion) it reads values above 127 as negative and its ReLU zeroes them, silently.
-INT8_INPUT_ONLY_OPS = frozenset(['_contrib_quantized_elemwise_mul', '_contrib_quantized_act'])
+# op -> how many of its first inputs are data (the rest are their min/max ranges)
+INT8_INPUT_ONLY_OPS = {'_contrib_quantized_elemwise_mul': 2, '_contrib_quantized_act': 1}
 # Nodes whose output type is their out_type attribute ('auto': uint8 when the calibrated
 # min is >= 0); an int8 kernel reads their output correctly once out_type is 'int8'.
 _RETYPABLE_OPS = frozenset(['_contrib_quantize_v2', '_contrib_requantize'])
@@ -164,6 +165,8 @@ def quantize_graph(symbol: mx.sym.Symbol, excluded: Mapping[str, str],
     while True:
         qsym, layers = quantize_symbol(symbol, sorted(reasons), offline_params,
                                        quantized_dtype, quantize_mode, granularity)
+        if not any(n.op in INT8_INPUT_ONLY_OPS for n in graph_nodes(qsym)):
+            return qsym, layers, reasons  # nothing to check: no probe pass
         qsym = _int8_into_int8_only_ops(qsym)
         conflicts = uint8_into_int8_only_ops(qsym, layers, data)
         if not conflicts:
@@ -184,7 +187,7 @@ def _int8_into_int8_only_ops(qsym: mx.sym.Symbol) -> mx.sym.Symbol:
     for node in nodes:
         if node['op'] not in INT8_INPUT_ONLY_OPS:
             continue
-        for src, _, _ in node['inputs'][:2]:
+        for src, _, _ in node['inputs'][:INT8_INPUT_ONLY_OPS[node['op']]]:
             attrs = nodes[src].setdefault('attrs', {})
             if nodes[src]['op'] in _RETYPABLE_OPS and attrs.get('out_type') != 'int8':
                 attrs['out_type'] = 'int8'
@@ -212,7 +215,7 @@ def uint8_into_int8_only_ops(qsym: mx.sym.Symbol, calib_layers: Sequence[str],
     for node in nodes:
         if node['op'] not in INT8_INPUT_ONLY_OPS:
             continue
-        for src, idx, _ in node['inputs'][:2]:
+        for src, idx, _ in node['inputs'][:INT8_INPUT_ONLY_OPS[node['op']]]:
             if dtype.get(output_name[(nodes[src]['name'], idx)]) is np.uint8:
                 name = node['name'][len('quantized_'):]
                 conflicts.setdefault(name, (

@@ -189,11 +189,11 @@ class _Plan:
     @classmethod
     def check(cls, batch_size, num_actors, threads_per_actor, env) -> '_Plan':
         """Validate before Ray starts: a bad argument costs no cluster start-up."""
+        threads = 1 if threads_per_actor is None else _positive('threads_per_actor',
+                                                               threads_per_actor)
         return cls(_positive('batch_size', batch_size),
                    None if num_actors is None else _positive('num_actors', num_actors),
-                   1 if threads_per_actor is None else
-                   _positive('threads_per_actor', threads_per_actor),
-                   _actor_env(1 if threads_per_actor is None else threads_per_actor, env))
+                   threads, _actor_env(threads, env))
 
     def actors(self, ray) -> int:
         """The pool size: as asked, or the cluster's CPUs // threads_per_actor."""
@@ -323,13 +323,14 @@ def batch_predict(model, data, batch_size: int = 64, *, num_actors: Optional[int
     """
     if output not in ('numpy', 'dataset'):
         raise ValueError("output: got %r; expected 'numpy' or 'dataset'" % (output,))
-    outputs = _run(model, data, batch_size, num_actors, threads_per_actor, address, env,
-                   input_columns, None, output)
+    outputs = _run(model, data, batch_size, None, output, num_actors=num_actors,
+                   threads_per_actor=threads_per_actor, address=address, env=env,
+                   input_columns=input_columns)
     return outputs[0] if output == 'numpy' and len(outputs) == 1 else outputs
 
 
-def _run(model, data, batch_size, num_actors, threads_per_actor, address, env, input_columns,
-         head, output='numpy'):
+def _run(model, data, batch_size, head, output='numpy', num_actors=None,
+         threads_per_actor=None, address=None, env=None, input_columns=None):
     plan = _Plan.check(batch_size, num_actors, threads_per_actor, env)
     files = ModelFiles.read(model)
     ray = init(address)
@@ -341,12 +342,23 @@ def _run(model, data, batch_size, num_actors, threads_per_actor, address, env, i
     return _collect(ds, rows)
 
 
+def _materialized(data):
+    """A Ray Dataset run once, in order, into the object store (reads finish before the
+    actors take the CPUs); the caller's dataset keeps its own execution options."""
+    options = data.context.execution_options
+    kept = options.preserve_order
+    options.preserve_order = True
+    try:
+        return data.materialize()
+    finally:
+        options.preserve_order = kept
+
+
 def _with_row_numbers(ray, data):
-    """Number the rows of a Ray Dataset and materialize it, so that its reads finish
-    before the actors take the CPUs (the order is preserved from here on)."""
-    data.context.execution_options.preserve_order = True
+    """The Ray Dataset with column ``__row``, its row numbers, materialized."""
+    data = _materialized(data)
     numbers = ray.data.range(data.count()).rename_columns({'id': ID})
-    return data.zip(numbers).materialize()
+    return _materialized(data.zip(numbers))
 
 
 def evaluate(model, data, labels, metric: Union[str, Callable] = 'accuracy',
@@ -372,6 +384,8 @@ def evaluate(model, data, labels, metric: Union[str, Callable] = 'accuracy',
         if not isinstance(labels, str) or labels not in data.schema().names:
             raise ValueError('labels: got %r; with a Ray Dataset expected one of its column '
                              'names %s' % (labels, data.schema().names))
+        init(options.get('address'))
+        data = _materialized(data)  # read once: for the labels here and the actors
         truth = np.concatenate([b[labels] for b in data.iter_batches(
             batch_size=None, batch_format='numpy')])
     else:
@@ -380,10 +394,7 @@ def evaluate(model, data, labels, metric: Union[str, Callable] = 'accuracy',
         if truth.shape[:1] != (rows,):
             raise ValueError('labels: got shape %s; expected %d labels, one per row of data'
                              % (truth.shape, rows))
-    outputs = _run(model, data, batch_size, options.get('num_actors'),
-                   options.get('threads_per_actor'), options.get('address'),
-                   options.get('env'), options.get('input_columns'), head)
-    return _score(metric, truth, outputs)
+    return _score(metric, truth, _run(model, data, batch_size, head, **options))
 
 
 def _score(metric, labels: np.ndarray, outputs: List[np.ndarray]) -> float:

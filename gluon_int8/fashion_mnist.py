@@ -313,11 +313,210 @@ class FashionInception(_Classifier):
             self._add_head(block.out_channels, classes)
 
 
+class PreActBlock(nn.HybridBlock):
+    """Pre-activation basic block (He et al. 2016, "Identity Mappings in Deep Residual
+    Networks"): ``BN -> ReLU -> conv3x3 -> BN -> ReLU -> conv3x3``, plus the identity
+    ``x``, or a strided 1x1 conv of the pre-activated input where the shape changes
+    (GluonCV's ``BasicBlockV2``)."""
+
+    def __init__(self, channels, in_channels, strides=1, **kwargs):
+        super().__init__(**kwargs)
+        with self.name_scope():
+            self.bn1 = nn.BatchNorm(in_channels=in_channels)
+            self.conv1 = nn.Conv2D(channels, 3, strides, 1, use_bias=False,
+                                   in_channels=in_channels)
+            self.bn2 = nn.BatchNorm(in_channels=channels)
+            self.conv2 = nn.Conv2D(channels, 3, 1, 1, use_bias=False,
+                                   in_channels=channels)
+            if strides != 1 or channels != in_channels:
+                self.downsample = nn.Conv2D(channels, 1, strides, use_bias=False,
+                                            in_channels=in_channels)
+            else:
+                self.downsample = None
+
+    def hybrid_forward(self, F, x):  # pylint: disable=arguments-differ
+        act = F.Activation(self.bn1(x), act_type="relu")
+        residual = x if self.downsample is None else self.downsample(act)
+        out = self.conv1(act)
+        out = self.conv2(F.Activation(self.bn2(out), act_type="relu"))
+        return out + residual
+
+
+class FashionPreActResNet(_Classifier):
+    """Pre-activation ResNet in the CIFAR layout of He et al. 2016: a 3x3 stem conv
+    without BN, 3 stages of 2 pre-activation blocks (16, 32, 64 channels; the first
+    stage keeps the 28x28 resolution and its identity shortcuts read the stem conv's raw
+    output), then ``BN -> ReLU -> global pool -> Dense``."""
+
+    def __init__(self, channels=(16, 32, 64), blocks=2, stem=16,
+                 classes=NUM_CLASSES, **kwargs):
+        super().__init__(**kwargs)
+        with self.name_scope():
+            self.features = nn.HybridSequential(prefix="")
+            self.features.add(nn.Conv2D(stem, 3, 1, 1, use_bias=False, in_channels=1))
+            in_ch = stem
+            for stage, out_ch in enumerate(channels):
+                for i in range(blocks):
+                    strides = 2 if i == 0 and stage > 0 else 1
+                    self.features.add(PreActBlock(out_ch, in_ch, strides))
+                    in_ch = out_ch
+            self.features.add(nn.BatchNorm(in_channels=in_ch))
+            self.features.add(nn.Activation("relu"))
+            self._add_head(in_ch, classes)
+
+
+def _shuffle(F, x, groups=2):
+    """Channel shuffle: reshape to (N, g, C/g, H, W), swap the two channel axes, flatten
+    them again (MXNet's special reshape codes -4, -3, -2, as GluonCV's ShuffleNet)."""
+    x = F.reshape(x, shape=(0, -4, groups, -1, -2))
+    return F.reshape(F.swapaxes(x, 1, 2), shape=(0, -3, -2))
+
+
+class ShuffleUnit(nn.HybridBlock):
+    """ShuffleNetV2 unit. Stride 1: split the channels in half, run one half through
+    ``1x1-BN-ReLU -> dw3x3-BN -> 1x1-BN-ReLU``, concat, shuffle. Stride 2: both branches
+    downsample (``dw3x3-BN -> 1x1-BN-ReLU`` on the left) and the channels double."""
+
+    def __init__(self, channels, in_channels, strides=1, **kwargs):
+        super().__init__(**kwargs)
+        self.strides = strides
+        branch_in = in_channels if strides == 2 else in_channels // 2
+        mid = channels // 2
+        with self.name_scope():
+            self.branch = nn.HybridSequential(prefix="")
+            self.branch.add(_conv_bn_relu(mid, branch_in, 1))
+            self.branch.add(_conv_bn_relu(mid, mid, 3, strides, groups=mid, relu=False))
+            self.branch.add(_conv_bn_relu(mid, mid, 1))
+            if strides == 2:
+                self.left = nn.HybridSequential(prefix="")
+                self.left.add(_conv_bn_relu(in_channels, in_channels, 3, strides,
+                                            groups=in_channels, relu=False))
+                self.left.add(_conv_bn_relu(mid, in_channels, 1))
+
+    def hybrid_forward(self, F, x):  # pylint: disable=arguments-differ
+        if self.strides == 2:
+            out = F.concat(self.left(x), self.branch(x), dim=1)
+        else:
+            left, right = F.split(x, num_outputs=2, axis=1)
+            out = F.concat(left, self.branch(right), dim=1)
+        return _shuffle(F, out)
+
+
+class FashionShuffleNet(_Classifier):
+    """Small ShuffleNetV2: Conv-BN-ReLU stem, 3 stages (a stride-2 unit, then stride-1
+    units), a 1x1 Conv-BN-ReLU, global pool, Dense."""
+
+    STAGES = ((48, 2), (96, 3), (192, 1))  # (channels, stride-1 units after the stride-2 one)
+
+    def __init__(self, stem=24, stages=STAGES, last=256, classes=NUM_CLASSES, **kwargs):
+        super().__init__(**kwargs)
+        with self.name_scope():
+            self.features = nn.HybridSequential(prefix="")
+            self.features.add(_conv_bn_relu(stem, 1, 3, 1))
+            in_ch = stem
+            for out_ch, repeats in stages:
+                self.features.add(ShuffleUnit(out_ch, in_ch, 2))
+                for _ in range(repeats):
+                    self.features.add(ShuffleUnit(out_ch, out_ch, 1))
+                in_ch = out_ch
+            self.features.add(_conv_bn_relu(last, in_ch, 1))
+            self._add_head(last, classes)
+
+
+def _hard_sigmoid(F, x):
+    return F.clip(x + 3.0, 0.0, 6.0) / 6.0
+
+
+class _Act(nn.HybridBlock):
+    """ReLU or hard-swish ``x * clip(x + 3, 0, 6) / 6``."""
+
+    def __init__(self, kind, **kwargs):
+        super().__init__(**kwargs)
+        self.kind = kind
+
+    def hybrid_forward(self, F, x):  # pylint: disable=arguments-differ
+        if self.kind == "relu":
+            return F.Activation(x, act_type="relu")
+        return x * _hard_sigmoid(F, x)
+
+
+class SqueezeExcite(nn.HybridBlock):
+    """``x * hard_sigmoid(conv(relu(conv(avgpool(x)))))``."""
+
+    def __init__(self, channels, squeeze, **kwargs):
+        super().__init__(**kwargs)
+        with self.name_scope():
+            self.reduce = nn.Conv2D(squeeze, 1, in_channels=channels)
+            self.expand = nn.Conv2D(channels, 1, in_channels=squeeze)
+
+    def hybrid_forward(self, F, x):  # pylint: disable=arguments-differ
+        w = F.Pooling(x, kernel=(1, 1), global_pool=True, pool_type="avg")
+        w = self.expand(F.Activation(self.reduce(w), act_type="relu"))
+        return F.broadcast_mul(x, _hard_sigmoid(F, w))
+
+
+class InvertedResidual(nn.HybridBlock):
+    """MobileNetV3 block: ``1x1 expand-BN-act -> dw kxk-BN-act [-> SE] -> 1x1 project-BN``,
+    plus the input where stride is 1 and the channels match."""
+
+    def __init__(self, in_channels, kernel, expand, channels, se, act, strides, **kwargs):
+        super().__init__(**kwargs)
+        self.residual = strides == 1 and in_channels == channels
+        with self.name_scope():
+            self.body = nn.HybridSequential(prefix="")
+            if expand != in_channels:
+                self.body.add(_conv_bn_relu(expand, in_channels, 1, relu=False))
+                self.body.add(_Act(act))
+            self.body.add(_conv_bn_relu(expand, expand, kernel, strides, groups=expand,
+                                        relu=False))
+            self.body.add(_Act(act))
+            if se:
+                self.body.add(SqueezeExcite(expand, max(8, expand // 4)))
+            self.body.add(_conv_bn_relu(channels, expand, 1, relu=False))
+
+    def hybrid_forward(self, F, x):  # pylint: disable=arguments-differ
+        out = self.body(x)
+        return out + x if self.residual else out
+
+
+class FashionMobileNetV3(_Classifier):
+    """Small MobileNetV3: a stride-2 hard-swish stem, inverted residuals with depthwise convs and
+    squeeze-excitation gates, a 1x1 Conv-BN-hard-swish, global pool, Dense."""
+
+    # (kernel, expansion, output channels, SE, activation, stride)
+    BLOCKS = ((3, 16, 16, True, "relu", 1),
+              (3, 64, 24, False, "relu", 2),
+              (3, 72, 24, False, "relu", 1),
+              (5, 96, 40, True, "hswish", 2),
+              (5, 120, 40, True, "hswish", 1),
+              (3, 144, 48, True, "hswish", 1),
+              (3, 192, 96, True, "hswish", 1),
+              (3, 288, 96, True, "hswish", 1))
+
+    def __init__(self, stem=16, blocks=BLOCKS, last=288, classes=NUM_CLASSES, **kwargs):
+        super().__init__(**kwargs)
+        with self.name_scope():
+            self.features = nn.HybridSequential(prefix="")
+            self.features.add(_conv_bn_relu(stem, 1, 3, 2, relu=False))  # 28 -> 14
+            self.features.add(_Act("hswish"))
+            in_ch = stem
+            for kernel, expand, out_ch, se, act, strides in blocks:
+                self.features.add(InvertedResidual(in_ch, kernel, expand, out_ch, se, act,
+                                                   strides))
+                in_ch = out_ch
+            self.features.add(_conv_bn_relu(last, in_ch, 1, relu=False))
+            self.features.add(_Act("hswish"))
+            self._add_head(last, classes)
+
+
 #: Model family name -> constructor.
 MODELS = {
     "resnet": FashionResNet,
     "mobilenet": FashionMobileNet,
     "inception": FashionInception,
+    "preact_resnet": FashionPreActResNet,
+    "shufflenet": FashionShuffleNet,
+    "mobilenetv3": FashionMobileNetV3,
 }
 
 

@@ -30,7 +30,8 @@ sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__),
 from gluon_int8 import fashion_mnist as fm  # noqa: E402
 
 #: Epochs used when --epochs is not given (chosen for <= ~15 min on 1 core).
-DEFAULT_EPOCHS = {"resnet": 6, "mobilenet": 12, "inception": 6}
+DEFAULT_EPOCHS = {"resnet": 6, "mobilenet": 12, "inception": 6, "preact_resnet": 6,
+                  "shufflenet": 10, "mobilenetv3": 10}
 
 
 def augment(images_u8, rng, pad=2):

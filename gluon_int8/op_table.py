@@ -1,0 +1,254 @@
+"""The INT8 op table: what MXNet 1.9.1's oneDNN INT8 kernels do with u8/s8 inputs, measured.
+
+Every decision the graph pass takes about an INT8 op is read from this table and from
+nowhere else. An entry is one INT8 op or fused pattern with the dtypes of its data
+inputs, as the quantization pass emits it; its result is a measurement
+(:mod:`gluon_int8.conformance` builds a tiny graph per entry and compares the kernel with
+an exact oracle):
+
+* ``ok``: the kernel agrees with the oracle to within two steps of its output grid;
+* ``wrong``: it returns numbers, but wrong ones (a misread dtype, int16 saturation);
+* ``crash``: it raises.
+
+Input dtype codes: ``s8`` (int8), ``u8`` (uint8 over its full range), ``u7`` (uint8 whose
+codes stay below 128 because its range was doubled: the remedy for oneDNN's int8 kernels
+on CPUs without VNNI, whose ``vpmaddubsw`` sums pairs of u8*s8 products in int16 and
+saturates). Patterns: ``conv``, ``conv+act``, ``conv+sum``, ``conv+sum+act`` (oneDNN conv
+with fused activation / residual sum / activation after the sum); ``fc``, ``fc+act``
+(with ``.w7``: 7-bit weights, ``.ch``: per-channel weights quantized by MXNet);
+``pool:max``, ``pool:avg`` (``:global``); ``concat``, ``add``, ``mul``, ``batchnorm``,
+``act:relu``, ``flatten``; ``mul.wide``: a multiply whose output range is the product of
+its input ranges (MXNet's INT8 multiply casts to int8 without saturating: a value beyond
+a calibrated range that clips wraps around); ``add.rq``: an add that emits int32 into a
+requantize node of its own.
+
+Kernels differ between CPUs (oneDNN dispatches on the instruction set), so results are
+kept per ISA. :data:`RECORDED` holds the columns measured so far; on a CPU without one the
+table is measured once per process when first needed (about a second). The conformance
+test measures every entry and fails when a recorded result no longer holds, so a future
+MXNet build that fixes a kernel is noticed. ``gluon-int8 op-table`` prints the table of
+this machine.
+
+Models: Intel Neural Compressor's per-op capability table for MXNet
+(``adaptor/mxnet.yaml``) and PyTorch's ``backend_config/onednn.py``; unlike those, every
+row here is measured.
+"""
+import dataclasses
+import functools
+import logging
+import os
+from typing import Dict, Iterable, Optional, Tuple
+
+import mxnet as mx
+
+log = logging.getLogger(__name__)
+
+OK, WRONG, CRASH = 'ok', 'wrong', 'crash'
+# conformance tolerance: max |kernel - oracle| in steps of the output grid. Correct
+# kernels stay below 1.4 (rounding, and the 7-bit weights oneDNN uses for s8 inputs
+# without VNNI); every defect found measured 10 steps or more.
+TOLERANCE_STEPS = 2.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """One INT8 op or fused pattern with the dtypes of its data inputs."""
+    pattern: str
+    inputs: Tuple[str, ...]
+
+    @property
+    def key(self) -> str:
+        return '%s(%s)' % (self.pattern, ','.join(self.inputs))
+
+
+@dataclasses.dataclass(frozen=True)
+class Result:
+    """What the kernel of one entry did on one ISA."""
+    verdict: str                  # ok | wrong | crash
+    error_steps: Optional[float]  # max |kernel - oracle| in output steps (None: crashed)
+    output: str                   # dtype of the output: u8, s8, f32 ('-' when it crashed)
+    detail: str = ''              # the error of a crash
+
+
+def _combos(*choices) -> Iterable[Tuple[str, ...]]:
+    if not choices:
+        yield ()
+        return
+    for head in choices[0]:
+        for tail in _combos(*choices[1:]):
+            yield (head,) + tail
+
+
+U8S8 = ('u8', 'u7', 's8')   # inputs of kernels that multiply (conv, FC)
+DTYPES = ('u8', 's8')       # inputs of the others
+
+ENTRIES: Tuple[Entry, ...] = tuple(
+    [Entry(p, c) for p in ('conv', 'conv+act') for c in _combos(U8S8)]
+    + [Entry(p, c) for p in ('conv+sum', 'conv+sum+act') for c in _combos(U8S8, DTYPES)]
+    + [Entry(p, c) for p in ('fc', 'fc+act', 'fc.w7', 'fc+act.w7', 'fc.ch', 'fc+act.ch')
+       for c in _combos(U8S8)]
+    + [Entry(p, c) for p in ('pool:max', 'pool:avg', 'pool:max:global', 'pool:avg:global',
+                             'batchnorm', 'act:relu', 'flatten') for c in _combos(DTYPES)]
+    + [Entry(p, c) for p in ('add', 'add.rq', 'mul', 'mul.wide')
+       for c in _combos(DTYPES, DTYPES)]
+    + [Entry('concat', c) for c in (('u8',), ('s8',), ('s8', 'u8'))])
+ENTRY_KEYS = frozenset(e.key for e in ENTRIES)
+
+# Measured columns: ``gluon-int8 op-table --python`` prints one for the CPU it runs on. Keyed by oneDNN's ISA name (see cpu_isa).
+RECORDED: Dict[str, Dict[str, Result]] = {
+    # AMD EPYC, AVX2 without VNNI (no AVX-512): u8*s8 products saturate in int16 pairs
+    'mxnet-1.9.1/avx2': {
+        'conv(u8)': Result('wrong', 24.97, 's8'),
+        'conv(u7)': Result('ok', 0.64, 's8'),
+        'conv(s8)': Result('ok', 0.5, 's8'),
+        'conv+act(u8)': Result('wrong', 70.39, 'u8'),
+        'conv+act(u7)': Result('ok', 0.76, 'u8'),
+        'conv+act(s8)': Result('ok', 0.5, 'u8'),
+        'conv+sum(u8,u8)': Result('wrong', 253.5, 's8'),
+        'conv+sum(u8,s8)': Result('wrong', 25.48, 's8'),
+        'conv+sum(u7,u8)': Result('wrong', 255.5, 's8'),
+        'conv+sum(u7,s8)': Result('ok', 0.63, 's8'),
+        'conv+sum(s8,u8)': Result('wrong', 253.5, 's8'),
+        'conv+sum(s8,s8)': Result('ok', 0.5, 's8'),
+        'conv+sum+act(u8,u8)': Result('wrong', 64.57, 'u8'),
+        'conv+sum+act(u8,s8)': Result('wrong', 128.5, 'u8'),
+        'conv+sum+act(u7,u8)': Result('ok', 0.89, 'u8'),
+        'conv+sum+act(u7,s8)': Result('wrong', 128.5, 'u8'),
+        'conv+sum+act(s8,u8)': Result('ok', 0.5, 'u8'),
+        'conv+sum+act(s8,s8)': Result('wrong', 128.5, 'u8'),
+        'fc(u8)': Result('wrong', 19.56, 'f32'),
+        'fc(u7)': Result('ok', 0.0, 'f32'),
+        'fc(s8)': Result('wrong', 25.2, 'f32'),
+        'fc+act(u8)': Result('wrong', 26.63, 'u8'),
+        'fc+act(u7)': Result('ok', 0.5, 'u8'),
+        'fc+act(s8)': Result('wrong', 66.23, 'u8'),
+        'fc.w7(u8)': Result('ok', 0.0, 'f32'),
+        'fc.w7(u7)': Result('ok', 0.0, 'f32'),
+        'fc.w7(s8)': Result('ok', 0.0, 'f32'),
+        'fc+act.w7(u8)': Result('ok', 0.5, 'u8'),
+        'fc+act.w7(u7)': Result('ok', 0.5, 'u8'),
+        'fc+act.w7(s8)': Result('ok', 0.5, 'u8'),
+        'fc.ch(u8)': Result('wrong', 17.26, 'f32'),
+        'fc.ch(u7)': Result('ok', 0.12, 'f32'),
+        'fc.ch(s8)': Result('wrong', 26.85, 'f32'),
+        'fc+act.ch(u8)': Result('wrong', 43.71, 'u8'),
+        'fc+act.ch(u7)': Result('ok', 0.94, 'u8'),
+        'fc+act.ch(s8)': Result('wrong', 67.0, 'u8'),
+        'pool:max(u8)': Result('ok', 0.0, 'u8'),
+        'pool:max(s8)': Result('ok', 0.0, 's8'),
+        'pool:avg(u8)': Result('ok', 0.44, 'u8'),
+        'pool:avg(s8)': Result('ok', 0.44, 's8'),
+        'pool:max:global(u8)': Result('ok', 0.0, 'u8'),
+        'pool:max:global(s8)': Result('ok', 0.0, 's8'),
+        'pool:avg:global(u8)': Result('ok', 0.5, 'u8'),
+        'pool:avg:global(s8)': Result('ok', 0.48, 's8'),
+        'batchnorm(u8)': Result('ok', 1.44, 's8'),
+        'batchnorm(s8)': Result('ok', 0.5, 's8'),
+        'act:relu(u8)': Result('wrong', 191.87, 's8'),
+        'act:relu(s8)': Result('ok', 0.0, 's8'),
+        'flatten(u8)': Result('ok', 0.0, 'u8'),
+        'flatten(s8)': Result('ok', 0.0, 's8'),
+        'add(u8,u8)': Result('wrong', 73.36, 'u8', 'reuses the oneDNN primitive it cached for another output range'),
+        'add(u8,s8)': Result('wrong', 21.07, 's8'),
+        'add(s8,u8)': Result('wrong', 41.94, 's8', 'reuses the oneDNN primitive it cached for another output range'),
+        'add(s8,s8)': Result('wrong', 36.62, 's8', 'reuses the oneDNN primitive it cached for another output range'),
+        'add.rq(u8,u8)': Result('ok', 0.99, 'u8'),
+        'add.rq(u8,s8)': Result('wrong', 105.64, 's8'),
+        'add.rq(s8,u8)': Result('wrong', 79.27, 's8'),
+        'add.rq(s8,s8)': Result('ok', 0.96, 's8'),
+        'mul(u8,u8)': Result('crash', None, '-', 'MXNetError: Check failed: mshadow: :DataType<DType>::kFlag == type_flag_: TBlob.get_with_shape: data type do not match specified type.Expected: unsigned char v.s. given char'),
+        'mul(u8,s8)': Result('crash', None, '-', 'MXNetError: Check failed: mshadow: :DataType<DType>::kFlag == type_flag_: TBlob.get_with_shape: data type do not match specified type.Expected: unsigned char v.s. given char'),
+        'mul(s8,u8)': Result('crash', None, '-', 'MXNetError: Check failed: mshadow: :DataType<DType>::kFlag == type_flag_: TBlob.get_with_shape: data type do not match specified type.Expected: unsigned char v.s. given char'),
+        'mul(s8,s8)': Result('wrong', 255.5, 's8'),
+        'mul.wide(u8,u8)': Result('crash', None, '-', 'MXNetError: Check failed: mshadow: :DataType<DType>::kFlag == type_flag_: TBlob.get_with_shape: data type do not match specified type.Expected: unsigned char v.s. given char'),
+        'mul.wide(u8,s8)': Result('crash', None, '-', 'MXNetError: Check failed: mshadow: :DataType<DType>::kFlag == type_flag_: TBlob.get_with_shape: data type do not match specified type.Expected: unsigned char v.s. given char'),
+        'mul.wide(s8,u8)': Result('crash', None, '-', 'MXNetError: Check failed: mshadow: :DataType<DType>::kFlag == type_flag_: TBlob.get_with_shape: data type do not match specified type.Expected: unsigned char v.s. given char'),
+        'mul.wide(s8,s8)': Result('ok', 1.0, 's8'),
+        'concat(u8)': Result('ok', 0.5, 'u8'),
+        'concat(s8)': Result('ok', 0.5, 's8'),
+        'concat(s8,u8)': Result('ok', 0.5, 's8'),
+    },
+}
+
+
+def cpu_isa() -> str:
+    """The instruction set oneDNN dispatches int8 kernels on, from /proc/cpuinfo.
+
+    Capped by ``DNNL_MAX_CPU_ISA`` when the environment sets it (read, never written).
+    'unknown' where /proc/cpuinfo is not readable: the table is then measured.
+    """
+    try:
+        with open('/proc/cpuinfo') as f:
+            flags = next((line.split(':', 1)[1].split() for line in f
+                          if line.startswith('flags')), [])
+    except OSError:
+        return 'unknown'
+    flags = set(flags)
+    order = ['sse41', 'avx', 'avx2', 'avx2_vnni', 'avx512_core', 'avx512_core_vnni']
+    if {'avx512f', 'avx512bw', 'avx512vl', 'avx512dq'} <= flags:
+        isa = 'avx512_core_vnni' if 'avx512_vnni' in flags else 'avx512_core'
+    elif 'avx2' in flags:
+        isa = 'avx2_vnni' if 'avx_vnni' in flags else 'avx2'
+    elif 'avx' in flags:
+        isa = 'avx'
+    elif 'sse4_1' in flags:
+        isa = 'sse41'
+    else:
+        return 'unknown'
+    cap = os.environ.get('DNNL_MAX_CPU_ISA', os.environ.get('MKLDNN_MAX_CPU_ISA', ''))
+    cap = cap.lower().replace('avx512_core_amx', 'avx512_core_vnni')
+    if cap in order and order.index(cap) < order.index(isa):
+        isa = cap
+    return isa
+
+
+def machine() -> str:
+    """The key of this machine's column: MXNet version and ISA."""
+    return 'mxnet-%s/%s' % (mx.__version__, cpu_isa())
+
+
+@functools.lru_cache(maxsize=None)
+def results() -> Dict[str, Result]:
+    """This machine's results: the recorded column, else measured now (once per process)."""
+    recorded = RECORDED.get(machine())
+    if recorded is not None:
+        return recorded
+    from .conformance import measure_all  # pylint: disable=import-outside-toplevel
+    log.info('no recorded INT8 op table for %s: measuring its %d entries', machine(),
+             len(ENTRIES))
+    return measure_all()
+
+
+def lookup(pattern: str, inputs: Tuple[str, ...]) -> Optional[Result]:
+    """The result of ``pattern`` with these input dtypes on this machine (None: the
+    combination is not in the table, so nothing is known about it)."""
+    return results().get(Entry(pattern, normalize_inputs(pattern, inputs)).key)
+
+
+def normalize_inputs(pattern: str, inputs: Tuple[str, ...]) -> Tuple[str, ...]:
+    """Concat is measured by the set of its input dtypes; others by position. Only the
+    first input of a conv or FC is multiplied: elsewhere a u7 input is a u8 input."""
+    multiplied = 1 if pattern.startswith(('conv', 'fc')) else 0
+    inputs = tuple(inputs[:multiplied]) + tuple('u8' if d == 'u7' else d
+                                                for d in inputs[multiplied:])
+    if pattern == 'concat':
+        return tuple(sorted(set(inputs)))
+    return tuple(inputs)
+
+
+def is_ok(pattern: str, inputs: Tuple[str, ...]) -> bool:
+    found = lookup(pattern, inputs)
+    return found is not None and found.verdict == OK
+
+
+def describe(pattern: str, inputs: Tuple[str, ...]) -> str:
+    """Why a combination may not run INT8, for the layer table."""
+    found = lookup(pattern, inputs)
+    key = Entry(pattern, normalize_inputs(pattern, inputs)).key
+    if found is None:
+        return 'INT8 %s is not in the op table (never measured)' % key
+    if found.verdict == CRASH:
+        return 'INT8 %s fails in MXNet %s on %s: %s' % (key, mx.__version__, cpu_isa(),
+                                                        found.detail)
+    return ('INT8 %s computes wrong values in MXNet %s on %s (%.0f output steps off in '
+            'the conformance probe)' % (key, mx.__version__, cpu_isa(), found.error_steps))

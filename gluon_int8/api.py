@@ -1,10 +1,13 @@
 """``quantize_net``: the one-call INT8 pipeline, and the validation of its options.
 
-The pipeline, one stage per module::
+The pipeline, one stage per module, in three steps (:mod:`gluon_int8.pipeline`)::
 
-    trace (trace.py) -> fuse (fuse.py) -> quantize graph (quantize_graph.py)
-      -> calibrate (calibrate.py, collectors.py, thresholds.py -> table.py)
-      -> finalize graph (quantize_graph.py, fuse.py) -> build block (block.py)
+    prepare:   trace (trace.py) -> fuse, guarded and verified (fuse.py)
+               -> quantize graph (quantize_graph.py), planned by the op table (plan.py)
+    calibrate: statistics (calibrate.py, collectors.py) -> thresholds (thresholds.py)
+               -> calibration table (table.py)
+    convert:   ranges and rewrites into the graph (plan.py) -> block (block.py)
+               -> self-check against FP32 (selfcheck.py)
 
 Options are validated here, once, before any work is done.
 """
@@ -15,19 +18,16 @@ from typing import Optional, Sequence, Union
 
 from mxnet.gluon import HybridBlock
 
-from . import fuse as fuse_stage
-from . import weights
+from . import pipeline
 from .block import QuantizedBlock
-from .calibrate import collect_statistics, make_table
+from .calibrate import make_table
 from .collectors import DEFAULT_NUM_BINS, Collector, HistogramCollector, MinMaxCollector
 from .data import iter_batches
-from .quantize_graph import (GRANULARITIES, graph_nodes, quantize_node_inputs,
-                             quantize_graph, quantize_offline_params, resolve_exclusions,
-                             set_calib_table, summarize)
-from .report import fp32_reference
+from .pipeline import SELF_CHECKS, Prepared
+from .quantize_graph import GRANULARITIES, quantize_node_inputs
 from .table import CalibrationTable, optional_table
 from .thresholds import THRESHOLDS
-from .trace import build_symbol_block, count_inputs, trace
+from .trace import count_inputs
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,7 @@ class Options:
     num_calib_examples: Optional[int]
     percentile: float
     num_bins: int
+    self_check: str = 'warn'
 
     @property
     def mode_name(self) -> str:
@@ -104,7 +105,7 @@ def _mode(value) -> Union[str, Collector]:
 def validate(mode='entropy', quantized_dtype='auto', granularity='tensor', quantize_mode='full',
              exclude_layers=None, exclude_layers_match=None, exclude_operators=None,
              num_calib_batches=None, num_calib_examples=None, percentile=99.99,
-             num_bins=DEFAULT_NUM_BINS) -> Options:
+             num_bins=DEFAULT_NUM_BINS, self_check='warn') -> Options:
     """Check every option once; errors name the parameter, the value and what is allowed."""
     if isinstance(percentile, bool) or not isinstance(percentile, (int, float)) \
             or not 0 < percentile <= 100:
@@ -118,7 +119,8 @@ def validate(mode='entropy', quantized_dtype='auto', granularity='tensor', quant
                    _names('exclude_layers_match', exclude_layers_match),
                    _names('exclude_operators', exclude_operators),
                    _count('num_calib_batches', num_calib_batches),
-                   _count('num_calib_examples', num_calib_examples), float(percentile), num_bins)
+                   _count('num_calib_examples', num_calib_examples), float(percentile), num_bins,
+                   _choice('self_check', self_check, SELF_CHECKS))
 
 
 def quantize_net(block: HybridBlock, calib_data=None, mode='entropy', *,
@@ -126,7 +128,8 @@ def quantize_net(block: HybridBlock, calib_data=None, mode='entropy', *,
                  quantize_mode: str = 'full', exclude_layers=None, exclude_layers_match=None,
                  exclude_operators=None, num_calib_batches: Optional[int] = None,
                  num_calib_examples: Optional[int] = None, percentile: float = 99.99,
-                 num_bins: int = DEFAULT_NUM_BINS, calib_table=None, progress: bool = False) -> QuantizedBlock:
+                 num_bins: int = DEFAULT_NUM_BINS, calib_table=None, self_check: str = 'warn',
+                 progress: bool = False) -> QuantizedBlock:
     """Quantize a Gluon HybridBlock to INT8 and return a drop-in ``QuantizedBlock``.
 
     Parameters
@@ -160,67 +163,42 @@ def quantize_net(block: HybridBlock, calib_data=None, mode='entropy', *,
     calib_table : str or CalibrationTable
         With ``calib_data``: a path where the table is saved. Without: the table (or its
         path) to quantize from, with no data.
+    self_check : {'warn', 'fallback', 'off'}
+        Before returning, every INT8 layer is compared with its FP32 op on its own INT8
+        inputs from the first calibration batch (:mod:`gluon_int8.selfcheck`). A layer
+        far beyond its 8-bit rounding is a kernel defect: ``'warn'`` names it in a
+        warning, ``'fallback'`` returns it to FP32 (the layer table says why), ``'off'``
+        skips the check. Without calibration data there is nothing to check.
     progress : bool
         Show a tqdm progress bar over the calibration batches.
+
+    Raises
+    ------
+    gluon_int8.fuse.FusionError
+        When MXNet's oneDNN fusion changes what the network computes (checked on the
+        first batch): no model is returned.
     """
     if not isinstance(block, HybridBlock):
         raise TypeError('block: expected a gluon HybridBlock, got %s; only HybridBlocks '
                         'can be traced into a graph' % type(block).__name__)
     opts = validate(mode, quantized_dtype, granularity, quantize_mode, exclude_layers,
                     exclude_layers_match, exclude_operators, num_calib_batches,
-                    num_calib_examples, percentile, num_bins)
+                    num_calib_examples, percentile, num_bins, self_check)
     batches = _batches(block, calib_data, opts, calib_table)
     first = next(batches) if batches is not None else None
     if first is not None:
         batches = itertools.chain([first], batches)
-
-    traced = trace(block, first)
-    fused = fuse_stage.fuse(traced.symbol)
-    nodes = graph_nodes(fused)
-    excluded = resolve_exclusions(nodes, opts.exclude_layers, opts.exclude_layers_match,
-                                  opts.exclude_operators)
-    _warn_full_mode_detector(nodes, opts.quantize_mode)
-    qsym, calib_layers, excluded = quantize_graph(fused, excluded, list(traced.arg_params),
-                                                  opts.quantized_dtype, opts.quantize_mode,
-                                                  opts.granularity)
-    table = _calibration_table(fused, traced, calib_layers, quantize_node_inputs(qsym), batches,
-                               opts, calib_table, progress, _length(calib_data, opts))
-    return build_block(traced, fused, nodes, excluded, qsym, table)
+    prepared = prepare(block, first, opts)
+    table = _calibration_table(prepared, batches, opts, calib_table, progress,
+                               _length(calib_data, opts))
+    return pipeline.convert(prepared, table, first, opts.self_check)
 
 
-DETECTION_OPS = ('_contrib_box_nms', '_contrib_MultiBoxDetection')
-
-
-def _warn_full_mode_detector(nodes, quantize_mode: str) -> None:
-    """quantize_mode='full' on a detector quantizes the concat that joins decoded ids,
-    scores and boxes before NMS: our trained Fashion-MNIST SSD then scores mAP 0."""
-    found = sorted({n.op for n in nodes if n.op in DETECTION_OPS})
-    if quantize_mode == 'full' and found:
-        log.warning("quantize_mode='full' on a graph with %s: the concat of decoded boxes, "
-                    "scores and ids before NMS gets quantized and the detections break; "
-                    "use quantize_mode='smart' (the zoo presets of detectors do)",
-                    ', '.join(found))
-
-
-def build_block(traced, fused, nodes, excluded, qsym, table: Optional[CalibrationTable]
-                ) -> QuantizedBlock:
-    """The last stage: ranges into the INT8 graph, the post-quantization fusion, the
-    weights, the block. ``excluded`` maps the FP32 layers to their reasons."""
-    if table is not None:
-        qsym = set_calib_table(qsym, table.ranges)
-    qsym = fuse_stage.fuse(qsym)  # requantize/dequantize fusion now that ranges are known
-
-    values = quantize_offline_params(qsym, traced.arg_params)
-    int8_names = weights.int8_weight_names(qsym, values)
-    values, int8_store = weights.round_weights(values, int8_names)
-    qnet = build_symbol_block(qsym, traced.data_names, values, traced.aux_params,
-                              cls=QuantizedBlock, calib_table=table,
-                              layers=summarize(nodes, qsym, excluded),
-                              out_format=traced.out_format, int8_weights=int8_store,
-                              fp32_graph=fp32_reference(fused, traced.arg_params, values))
-    qnet.hybridize(static_alloc=True, static_shape=True)
-    log.info('%d layers run INT8, %d stay FP32', len(qnet.int8_layers), len(qnet.fp32_layers))
-    return qnet
+def prepare(block: HybridBlock, first, opts: Options) -> Prepared:
+    """:func:`gluon_int8.pipeline.prepare` with the options of one call."""
+    return pipeline.prepare(block, first, opts.quantized_dtype, opts.quantize_mode,
+                            opts.granularity, opts.exclude_layers, opts.exclude_layers_match,
+                            opts.exclude_operators)
 
 
 def _batches(block, calib_data, opts: Options, calib_table):
@@ -246,18 +224,18 @@ def _length(calib_data, opts: Options) -> Optional[int]:
     return known
 
 
-def _calibration_table(fused, traced, calib_layers, quantize_inputs, batches, opts: Options,
-                       calib_table, progress, total) -> Optional[CalibrationTable]:
+def _calibration_table(prepared: Prepared, batches, opts: Options, calib_table, progress,
+                       total) -> Optional[CalibrationTable]:
     """Calibrate from data (saving the table if a path was given), or load a table."""
     if opts.mode == 'none' and batches is None and calib_table is None:
         return None
     if batches is None:
         table = optional_table(calib_table)
-        table.check_layers(calib_layers)
+        table.check_layers(prepared.plan.calib_layers, prepared.statistics_layers())
         return table
-    stats = collect_statistics(fused, traced.data_names, traced.arg_params, traced.aux_params,
-                               calib_layers, batches, opts.new_collector(), progress, total)
-    table = table_from_stats(stats, opts, quantize_inputs, traced.data_names)
+    stats = pipeline.calibrate(prepared, batches, opts.new_collector(), progress, total)
+    table = table_from_stats(stats, opts, quantize_node_inputs(prepared.plan.qsym),
+                             prepared.data_names)
     if isinstance(calib_table, str):
         table.save(calib_table)
         log.info('saved calibration table to %s', calib_table)

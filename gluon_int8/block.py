@@ -53,6 +53,8 @@ class QuantizedBlock(SymbolBlock):
         self._int8_weights = dict(int8_weights or {})
         # the fused FP32 graph this INT8 graph was made from, for report()
         self.fp32_graph = fp32_graph
+        # per INT8 layer: its distance from its FP32 op (gluon_int8.selfcheck.NodeCheck)
+        self.self_check: list = []
 
     @property
     def int8_weight_names(self) -> List[str]:

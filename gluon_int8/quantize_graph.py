@@ -9,10 +9,8 @@ owns what the built-in Python layer gets wrong or leaves out:
   node names *and* the original layer names inside each fused node (a user names
   ``conv0``, the fused graph calls it ``sg_mkldnn_conv_bn_act_0``);
 * a warning for every exclusion that matches nothing;
-* a per-layer summary: which layers run INT8, which stay FP32, and why;
-* INT8 kernels that read int8 inputs only (MXNet 1.9.1's elementwise multiply) never get
-  uint8: the quantize nodes feeding them are made int8, and where an input is uint8
-  whatever the ranges (a conv with a fused ReLU) the op stays FP32 (:func:`quantize_graph`).
+* a per-layer summary: which layers run INT8, which stay FP32, and why, and what the plan
+  (:mod:`gluon_int8.plan`, which makes every INT8 kernel correct) changed for a layer.
 """
 import ctypes
 import dataclasses
@@ -42,21 +40,6 @@ INT8_CAPABLE_OPS = frozenset([
     'BatchNorm', 'Embedding'])
 
 
-# INT8 kernels of MXNet 1.9.1 that read their data input(s) as int8. The type inference of
-# _contrib_quantized_elemwise_mul only logs "only support int8 inputs" when given uint8,
-# and the kernel then stops in a TBlob check ("data type do not match specified type.
-# Expected: unsigned char v.s. given char"): hard-swish (x * hard_sigmoid(x), whose gate
-# is >= 0 and so calibrates to uint8) hits it in MobileNetV3. _contrib_quantized_act
-# declares an int8 output and never checks its input: fed the uint8 output of an INT8
-# elemwise_add (SE blocks, where the gate's multiply keeps the add out of the conv's sum
-# fusion) it reads values above 127 as negative and its ReLU zeroes them, silently.
-# op -> how many of its first inputs are data (the rest are their min/max ranges)
-INT8_INPUT_ONLY_OPS = {'_contrib_quantized_elemwise_mul': 2, '_contrib_quantized_act': 1}
-# Nodes whose output type is their out_type attribute ('auto': uint8 when the calibrated
-# min is >= 0); an int8 kernel reads their output correctly once out_type is 'int8'.
-_RETYPABLE_OPS = frozenset(['_contrib_quantize_v2', '_contrib_requantize'])
-
-
 @dataclasses.dataclass(frozen=True)
 class Node:
     """One compute node of the fused graph and the original layers inside it."""
@@ -74,9 +57,15 @@ class LayerInfo:
     dtype: str          # 'int8' or 'fp32'
     reason: str = ''    # why it stays FP32
     layers: Tuple[str, ...] = ()
+    note: str = ''      # what was changed so that its INT8 kernel is correct
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, row: dict) -> 'LayerInfo':
+        return cls(row['name'], row['op'], row['dtype'], row.get('reason', ''),
+                   tuple(row.get('layers', ())), row.get('note', ''))
 
 
 def graph_nodes(symbol: mx.sym.Symbol) -> List[Node]:
@@ -149,81 +138,6 @@ def quantize_symbol(symbol: mx.sym.Symbol, excluded_names: Sequence[str],
     return mx.sym.Symbol(out), layers
 
 
-def quantize_graph(symbol: mx.sym.Symbol, excluded: Mapping[str, str],
-                   offline_params: Sequence[str], quantized_dtype: str, quantize_mode: str,
-                   granularity: str) -> Tuple[mx.sym.Symbol, List[str], Dict[str, str]]:
-    """:func:`quantize_symbol`, safe for the kernels in :data:`INT8_INPUT_ONLY_OPS`.
-
-    The quantize/requantize nodes feeding such a kernel emit int8. An input that is uint8
-    whatever the calibration says (a oneDNN conv with a fused ReLU, or uint8 passed on by
-    pooling) keeps that op FP32, and the pass runs again without it. Returns the INT8
-    symbol, the outputs needing thresholds and ``excluded`` plus those ops, each with
-    its reason.
-    """
-    reasons = dict(excluded)
-    data = [a for a in symbol.list_arguments() if a not in set(offline_params)]
-    while True:
-        qsym, layers = quantize_symbol(symbol, sorted(reasons), offline_params,
-                                       quantized_dtype, quantize_mode, granularity)
-        if not any(n.op in INT8_INPUT_ONLY_OPS for n in graph_nodes(qsym)):
-            return qsym, layers, reasons  # nothing to check: no probe pass
-        qsym = _int8_into_int8_only_ops(qsym)
-        conflicts = uint8_into_int8_only_ops(qsym, layers, data)
-        if not conflicts:
-            return qsym, layers, reasons
-        if set(conflicts) <= set(reasons):
-            raise RuntimeError('quantize: layers %s still get uint8 inputs after they were '
-                               'excluded' % sorted(conflicts))
-        for name, reason in conflicts.items():
-            log.info('%s stays FP32: %s', name, reason)
-        reasons.update(conflicts)
-
-
-def _int8_into_int8_only_ops(qsym: mx.sym.Symbol) -> mx.sym.Symbol:
-    """``qsym`` with out_type='int8' on every quantize/requantize node feeding an op of
-    :data:`INT8_INPUT_ONLY_OPS` (other consumers of that node read int8 as well)."""
-    graph = json.loads(qsym.tojson())
-    nodes, changed = graph['nodes'], False
-    for node in nodes:
-        if node['op'] not in INT8_INPUT_ONLY_OPS:
-            continue
-        for src, _, _ in node['inputs'][:INT8_INPUT_ONLY_OPS[node['op']]]:
-            attrs = nodes[src].setdefault('attrs', {})
-            if nodes[src]['op'] in _RETYPABLE_OPS and attrs.get('out_type') != 'int8':
-                attrs['out_type'] = 'int8'
-                changed = True
-    return mx.sym.load_json(json.dumps(graph)) if changed else qsym
-
-
-def uint8_into_int8_only_ops(qsym: mx.sym.Symbol, calib_layers: Sequence[str],
-                             data_names: Sequence[str]) -> Dict[str, str]:
-    """Fused node name -> reason, for every op of :data:`INT8_INPUT_ONLY_OPS` in ``qsym``
-    that would get a uint8 input.
-
-    Worst case: every calibrated range is set non-negative (so every 'auto' node turns
-    uint8), the post-quantization fusion runs, and MXNet's own type inference says what
-    each op receives.
-    """
-    copy = mx.sym.load_json(qsym.tojson())  # the C++ pass writes ranges into shared nodes
-    probe = fuse(set_calib_table(copy, {name: (0.0, 1.0) for name in calib_layers}))
-    internals = probe.get_internals()
-    _, out_types, _ = internals.infer_type_partial(**{n: 'float32' for n in data_names})
-    dtype = dict(zip(internals.list_outputs(), out_types))
-    output_name = {(node, idx): out for node, idx, out in graph_outputs(probe)}
-    nodes = json.loads(probe.tojson())['nodes']
-    conflicts = {}
-    for node in nodes:
-        if node['op'] not in INT8_INPUT_ONLY_OPS:
-            continue
-        for src, idx, _ in node['inputs'][:INT8_INPUT_ONLY_OPS[node['op']]]:
-            if dtype.get(output_name[(nodes[src]['name'], idx)]) is np.uint8:
-                name = node['name'][len('quantized_'):]
-                conflicts.setdefault(name, (
-                    'MXNet 1.9.1 INT8 %s reads int8 inputs only; input %s (op %s) can be uint8'
-                    % (node['op'], nodes[src]['name'], nodes[src]['op'])))
-    return conflicts
-
-
 def graph_outputs(symbol: mx.sym.Symbol) -> List[Tuple[str, int, str]]:
     """``(node name, output index, output name)`` of every output in ``symbol``.
 
@@ -264,47 +178,58 @@ def set_calib_table(qsym: mx.sym.Symbol, ranges: Mapping[str, Tuple[float, float
     return mx.sym.Symbol(calibrated)
 
 
-def quantize_offline_params(qsym: mx.sym.Symbol,
-                            arg_params: Mapping[str, mx.nd.NDArray]) -> Dict[str, mx.nd.NDArray]:
+def quantize_offline_params(qsym: mx.sym.Symbol, arg_params: Mapping[str, mx.nd.NDArray],
+                            seven_bit: Sequence[str] = ()) -> Dict[str, mx.nd.NDArray]:
     """The argument values ``qsym`` needs: FP32 params as they are, plus int8 copies
-    (with their min/max) of the params the pass marked ``<name>_quantize``."""
+    (with their min/max) of the params the pass marked ``<name>_quantize``; those named in
+    ``seven_bit`` use 63 levels instead of 127 (see :func:`_quantize_int8`)."""
     suffix = '_quantize'
     values = {}
     for name in qsym.list_arguments():
         if name in arg_params:
             values[name] = arg_params[name]
         elif name.endswith(suffix) and name[:-len(suffix)] in arg_params:
-            param = arg_params[name[:-len(suffix)]]
-            values[name], values[name + '_min'], values[name + '_max'] = _quantize_int8(param)
+            source = name[:-len(suffix)]
+            levels = SEVEN_BIT_LEVELS if source in seven_bit else INT8_LEVELS
+            values[name], values[name + '_min'], values[name + '_max'] = _quantize_int8(
+                arg_params[source], levels)
     return values
 
 
 # oneDNN kernels read an int8 (uint8) tensor with range r at scale 127.5 / r (255.5 / r):
 # MXNet's kInt8Range and kUint8Range; MXNet's quantize op writes int8 at 127 / r.
-INT8_READ_RANGE, UINT8_READ_RANGE, _INT8_WRITE_RANGE = 127.5, 255.5, 127.0
+INT8_READ_RANGE, UINT8_READ_RANGE = 127.5, 255.5
+# Weight levels: 8 bits, or 7 where the op table says the kernel saturates in int16 pairs
+# with 8-bit weights (oneDNN's u8*s8 on CPUs without VNNI).
+INT8_LEVELS, SEVEN_BIT_LEVELS = 127, 63
 
 
-def _quantize_int8(param: mx.nd.NDArray):
-    """Symmetric int8 quantization of one parameter over its own range.
+def _quantize_int8(param: mx.nd.NDArray, levels: int = INT8_LEVELS):
+    """Symmetric quantization of one parameter over its own range to ``levels`` levels.
 
-    The values are written at ``127 / r``; the stored range is widened by 127.5/127 so
-    that the kernel, which reads at ``127.5 / range``, gets exactly ``127 / r`` back.
-    MXNet's own quantizer stores ``r`` and every FC output comes out 0.4% too small.
+    The values are written at ``levels / r``; the stored range is widened to
+    ``r * 127.5 / levels`` so that the kernel, which reads at ``127.5 / range``, gets
+    exactly ``levels / r`` back. MXNet's own quantizer stores ``r`` and every FC output
+    comes out 0.4% too small.
     """
     peak = mx.nd.max(mx.nd.abs(param))
-    q, _, _ = mx.nd.contrib.quantize(param, -peak, peak, out_type='int8')
-    stored = peak * (INT8_READ_RANGE / _INT8_WRITE_RANGE)
-    return q, -stored, stored
+    scale = mx.nd.where(peak > 0, levels / peak, mx.nd.ones_like(peak))
+    q = mx.nd.clip(mx.nd.round(mx.nd.broadcast_mul(param, scale)), -levels, levels)
+    stored = peak * (INT8_READ_RANGE / levels)
+    return q.astype('int8'), -stored, stored
 
 
-def summarize(nodes: Sequence[Node], qsym: mx.sym.Symbol,
-              excluded: Mapping[str, str]) -> List[LayerInfo]:
-    """One :class:`LayerInfo` per compute node of the fused graph."""
-    quantized = {n.name for n in graph_nodes(qsym)}
+def summarize(nodes: Sequence[Node], qsym: mx.sym.Symbol, excluded: Mapping[str, str],
+              notes: Mapping[str, str] = (), removed: Iterable[str] = ()) -> List[LayerInfo]:
+    """One :class:`LayerInfo` per compute node of the fused graph. ``removed``: INT8 nodes
+    taken out of the graph as identities (they count as INT8)."""
+    notes = dict(notes)
+    quantized = {n.name for n in graph_nodes(qsym)} | set(removed)
     rows = []
     for node in nodes:
         if 'quantized_' + node.name in quantized:
-            rows.append(LayerInfo(node.name, node.op, 'int8', '', node.inner_names))
+            rows.append(LayerInfo(node.name, node.op, 'int8', '', node.inner_names,
+                                  notes.get(node.name, '')))
         else:
             reason = excluded.get(node.name) or (
                 'left FP32 by the quantization pass (op %s: unsupported attributes or FP32 '

@@ -24,11 +24,14 @@ class CalibrationTable:
     quantized_dtype: str
     observed: Dict[str, Tuple[float, float]] = dataclasses.field(default_factory=dict)
 
-    def check_layers(self, layers: Iterable[str], source: str = 'calib_table') -> None:
-        """Raise unless the table covers exactly ``layers``."""
-        wanted = set(layers)
-        missing = sorted(wanted - set(self.ranges))
-        extra = sorted(set(self.ranges) - wanted)
+    def check_layers(self, required: Iterable[str], known: Optional[Iterable[str]] = None,
+                     source: str = 'calib_table') -> None:
+        """Raise unless the table has every ``required`` layer and nothing but ``known``
+        layers (default: the required ones)."""
+        required = set(required)
+        known = required if known is None else set(known) | required
+        missing = sorted(required - set(self.ranges))
+        extra = sorted(set(self.ranges) - known)
         if missing or extra:
             raise ValueError('%s does not fit the graph: missing layers %s; extra layers %s'
                              % (source, missing or 'none', extra or 'none'))

@@ -39,16 +39,15 @@ import mxnet as mx
 import numpy as np
 from mxnet.gluon import HybridBlock
 
-from . import fuse as fuse_stage
-from .api import Options, build_block, table_from_stats, validate
+from . import pipeline
+from .api import Options, prepare, table_from_stats, validate
 from .block import QuantizedBlock
-from .calibrate import collect_statistics
 from .collectors import HistogramCollector
 from .data import iter_batches
-from .quantize_graph import (GRANULARITIES, graph_nodes, quantize_graph, quantize_node_inputs,
-                             resolve_exclusions)
+from .pipeline import Prepared
+from .quantize_graph import GRANULARITIES, quantize_node_inputs
 from .thresholds import THRESHOLDS
-from .trace import count_inputs, trace
+from .trace import count_inputs
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +56,7 @@ DEFAULT_GRANULARITIES = ('tensor', 'channel')
 # options of quantize_net that tune passes through (mode/granularity are searched)
 PASSED_OPTIONS = ('quantized_dtype', 'quantize_mode', 'exclude_layers', 'exclude_layers_match',
                   'exclude_operators', 'num_calib_batches', 'num_calib_examples', 'percentile',
-                  'num_bins')
+                  'num_bins', 'self_check')
 # fused-graph ops whose INT8 version carries its input's range to its output
 RANGE_CARRYING_OPS = ('Pooling', 'Flatten', 'Concat', 'concat', 'Reshape', 'reshape',
                       'transpose', 'expand_dims', 'squeeze', 'slice', 'SliceChannel')
@@ -182,7 +181,7 @@ def tune(net: HybridBlock, calib_data, eval_fn: Callable[[HybridBlock], float],
     if not session.reached() and not session.out_of_budget():
         session.fallback()
     best = session.best[1]
-    result = TuneResult(session.best_block(), baseline, best['metric'], baseline - max_drop,
+    result = TuneResult(session.best_block(final=True), baseline, best['metric'], baseline - max_drop,
                         session.reached(), session.trials, session.ranking)
     log.info('tune: %s after %d trials in %.1f s: metric %.5f (baseline %.5f), %d layers '
              'returned to FP32', 'reached the target' if result.reached else
@@ -278,30 +277,35 @@ def _flat(outputs) -> list:
 
 
 class _Builder:
-    """What a trial needs, without the user's net: the traced and fused graphs, the
-    statistics of the one calibration pass and the ranking slice. Picklable, so trials
-    can run as Ray tasks."""
+    """What a trial needs, without the user's net: the prepared (traced, fused, planned)
+    network, the statistics of the one calibration pass and the ranking slice.
+    Picklable, so trials can run as Ray tasks."""
 
-    def __init__(self, traced, fused, user_excluded, opts: Options, stats, batches, references):
-        self.traced, self.fused, self.opts, self.stats = traced, fused, opts, stats
-        self.nodes, self.user_excluded = graph_nodes(fused), user_excluded
+    def __init__(self, prepared: Prepared, opts: Options, stats, batches, references):
+        self.prepared, self.opts, self.stats = prepared, opts, stats
         self.batches, self.references = batches, references
 
-    def build(self, mode: str, granularity: str, tuned: Mapping[str, str]) -> QuantizedBlock:
-        """The INT8 block of one config from the stored statistics (no data pass)."""
-        reasons = dict(tuned)
-        reasons.update(self.user_excluded)  # a user's exclusion keeps the user's reason
-        qsym, layers, reasons = quantize_graph(self.fused, reasons,
-                                               list(self.traced.arg_params),
-                                               self.opts.quantized_dtype,
-                                               self.opts.quantize_mode, granularity)
-        missing = sorted(set(layers) - set(self.stats))
+    @property
+    def fused(self):
+        return self.prepared.plan.fused
+
+    def build(self, mode: str, granularity: str, tuned: Mapping[str, str],
+              final: bool = False) -> QuantizedBlock:
+        """The INT8 block of one config from the stored statistics (no data pass).
+
+        Self-checked on the first kept batch with ``self_check='fallback'`` (so a trial
+        measures the block it would return) and for the ``final`` block."""
+        prepared = pipeline.replan(self.prepared, tuned, granularity)
+        layers = prepared.statistics_layers()
+        missing = sorted(set(prepared.plan.calib_layers) - set(self.stats))
         if missing:
             raise RuntimeError('tune: calibration collected no statistics for %s' % missing)
         opts = dataclasses.replace(self.opts, mode=mode, granularity=granularity)
-        table = table_from_stats({n: self.stats[n] for n in layers}, opts,
-                                 quantize_node_inputs(qsym), self.traced.data_names)
-        return build_block(self.traced, self.fused, self.nodes, reasons, qsym, table)
+        table = table_from_stats({n: self.stats[n] for n in layers if n in self.stats}, opts,
+                                 quantize_node_inputs(prepared.plan.qsym), prepared.data_names)
+        check = final or self.opts.self_check == 'fallback'
+        return pipeline.convert(prepared, table, self.batches[0] if check else None,
+                                self.opts.self_check)
 
     def output_sqnr(self, block: QuantizedBlock) -> float:
         """SQNR (dB) of ``block``'s outputs against the FP32 outputs on the kept slice."""
@@ -374,18 +378,14 @@ class _Session:
         batches = iter_batches(calib_data, count_inputs(net), opts.num_calib_batches,
                                opts.num_calib_examples)
         first = next(batches)
-        traced = trace(net, first)
-        fused = fuse_stage.fuse(traced.symbol)
-        user_excluded = resolve_exclusions(graph_nodes(fused), opts.exclude_layers,
-                                           opts.exclude_layers_match, opts.exclude_operators)
+        prepared = prepare(net, first, opts)
         kept: list = []
-        stats = collect_statistics(
-            fused, traced.data_names, traced.arg_params, traced.aux_params,
-            _all_outputs(fused, traced.data_names),
-            self._keep_slice(itertools.chain([first], batches), kept),
-            HistogramCollector(num_bins=opts.num_bins))
+        stats = pipeline.calibrate(prepared, self._keep_slice(itertools.chain([first], batches),
+                                                              kept),
+                                   HistogramCollector(num_bins=opts.num_bins),
+                                   layers=_all_outputs(prepared.plan.fused, prepared.data_names))
         references = [[o.asnumpy().astype(np.float64) for o in _flat(net(*b))] for b in kept]
-        return _Builder(traced, fused, user_excluded, opts, stats, kept, references)
+        return _Builder(prepared, opts, stats, kept, references)
 
     def _keep_slice(self, batches, kept: list):
         """Pass the batches through, keeping the first ``rank_examples`` examples."""
@@ -438,11 +438,13 @@ class _Session:
             self.best = (block, row)
         return row
 
-    def best_block(self) -> QuantizedBlock:
-        """The best trial's block (built here when its trial ran elsewhere)."""
+    def best_block(self, final: bool = False) -> QuantizedBlock:
+        """The best trial's block (built here when its trial ran elsewhere, or to be
+        self-checked as the ``final`` one)."""
         block, row = self.best
-        if block is None:
-            block = self.builder.build(row['mode'], row['granularity'], self.tuned[row['trial']])
+        if block is None or (final and self.checked.opts.self_check == 'warn'):
+            block = self.builder.build(row['mode'], row['granularity'], self.tuned[row['trial']],
+                                       final)
         return block
 
     # -- stage 1: configs -----------------------------------------------------------------

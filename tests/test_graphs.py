@@ -1,4 +1,6 @@
 """Tier 2: fusion and quantization of tiny inline HybridBlocks."""
+import json
+
 import pytest
 
 from conftest import (ConcatBlock, ConvBNAct, ConvBNReLUFunctional, ConvBNSum, DenseBlock,
@@ -60,23 +62,31 @@ def test_int8_mul_gets_int8_inputs(tmp_path):
     assert [l.dtype for l in mul] == ['int8']
 
 
-def test_mul_fed_uint8_stays_fp32(tmp_path):
-    """A multiply whose input is uint8 whatever the ranges (a conv with a fused ReLU) stays
-    FP32, with the reason in the layer table, instead of failing in the kernel."""
+def test_mul_fed_uint8_gets_int8_inputs(tmp_path):
+    """MXNet 1.9.1's INT8 multiply reads int8 only. Its input from a conv with a fused ReLU
+    is uint8 whatever the ranges: a dequantize + int8 quantize pair converts it, and the
+    gate's quantize node (1 + sigmoid >= 1: 'auto' would give uint8) is made int8. The
+    layer table says so."""
     from conftest import GatedReLU
     net, inputs = make_net(GatedReLU, (4, 3, 16, 16))
-    qnet = check_quantize(net, inputs, [CONV], tmp_path, min_cosine=0.98)
-    mul = [l for l in qnet.layers if l.op == 'elemwise_mul']
-    assert len(mul) == 1 and mul[0].dtype == 'fp32'
-    assert 'reads int8 inputs only' in mul[0].reason and 'uint8' in mul[0].reason
+    qnet = check_quantize(net, inputs, [CONV, MUL], tmp_path, min_cosine=0.995)
+    (mul,) = [l for l in qnet.layers if l.op == 'elemwise_mul']
+    assert mul.dtype == 'int8'
+    assert 'uint8 input converted to int8' in mul.note and 'mul(u8,' in mul.note
+    assert 'output range widened' in mul.note
+    ops = [n['op'] for n in json.loads(qnet._cached_graph[1].tojson())['nodes']]
+    assert ops.count('_contrib_dequantize') >= 1
 
 
-def test_relu_after_uint8_add_stays_fp32(tmp_path):
+def test_relu_of_uint8_add_is_removed(tmp_path):
     """MXNet 1.9.1's INT8 Activation declares int8 output and never checks its input: fed
     the uint8 output of an INT8 add it read values above 127 as negative and zeroed them
-    (se_resnext50's cosine fell to 0.77 from it). That ReLU now stays FP32, with why."""
+    (se_resnext50's cosine fell to 0.77 from it). A ReLU of a uint8 tensor is the identity:
+    it is taken out of the INT8 graph, and the layer table says why."""
     from conftest import SumOfReLUsReLU
     net, inputs = make_net(SumOfReLUsReLU, (4, 3, 16, 16))
     qnet = check_quantize(net, inputs, [CONV], tmp_path, min_cosine=0.999)  # was 0.9936
-    act = [l for l in qnet.layers if l.op == 'Activation']
-    assert len(act) == 1 and act[0].dtype == 'fp32' and 'uint8' in act[0].reason
+    (act,) = [l for l in qnet.layers if l.op == 'Activation']
+    assert act.dtype == 'int8' and act.note.startswith('removed: the ReLU of a uint8 tensor')
+    ops = [n['op'] for n in json.loads(qnet._cached_graph[1].tojson())['nodes']]
+    assert '_contrib_quantized_act' not in ops

@@ -1,0 +1,194 @@
+"""The pipeline in three steps around one dataclass: prepare -> calibrate -> convert.
+
+::
+
+    prepared = prepare(block, first_batch, opts)   # trace, fuse (guarded, verified), plan
+    stats = calibrate(prepared, batches, collector)  # statistics of every tensor needed
+    qnet = convert(prepared, table, first_batch)   # ranges in, rewrites, weights, block,
+                                                   # self-check
+
+:func:`gluon_int8.quantize_net` composes the three; :func:`gluon_int8.tune` prepares and
+calibrates once and converts once per trial (with its own exclusions: :func:`replan`).
+Statistics are gathered for every tensor any plan of the graph may need a range for (the
+outputs of every INT8 layer too), so returning a layer to FP32 later never needs a second
+pass over the data.
+"""
+import dataclasses
+import logging
+from typing import Dict, List, Mapping, Optional, Sequence
+
+import mxnet as mx
+
+from . import selfcheck, weights
+from .block import QuantizedBlock
+from .calibrate import collect_statistics
+from .collectors import Collector, LayerStats
+from .fuse import fuse, verify
+from .plan import Plan, check_calibrated, finalize, plan_graph, ranges_in_graph
+from .quantize_graph import (Node, graph_nodes, graph_outputs, quantize_offline_params,
+                             resolve_exclusions, summarize)
+from .report import fp32_reference
+from .table import CalibrationTable
+from .trace import TracedGraph, build_symbol_block, trace
+
+log = logging.getLogger(__name__)
+
+DETECTION_OPS = ('_contrib_box_nms', '_contrib_MultiBoxDetection')
+SELF_CHECKS = ('warn', 'fallback', 'off')
+MAX_FALLBACKS = 10
+
+
+@dataclasses.dataclass
+class Prepared:
+    """A traced, fused, verified and planned network: all that calibration and
+    conversion need, without the user's block."""
+    traced: TracedGraph
+    nodes: List[Node]                 # compute nodes of the fused graph: the layers
+    user_excluded: Dict[str, str]     # the user's exclusions, with their reasons
+    plan: Plan
+    quantized_dtype: str
+    quantize_mode: str
+    granularity: str
+
+    @property
+    def data_names(self) -> List[str]:
+        return self.traced.data_names
+
+    @property
+    def params(self) -> Dict[str, mx.nd.NDArray]:
+        return {**self.traced.aux_params, **self.traced.arg_params}
+
+    def statistics_layers(self) -> List[str]:
+        """Tensors to calibrate: what the plan needs, and every INT8 layer's output."""
+        int8 = {n.name for n in self.nodes} - set(self.plan.reasons)
+        outputs = [out for node, idx, out in graph_outputs(self.plan.fused)
+                   if idx == 0 and node in int8]
+        return list(dict.fromkeys(list(self.plan.calib_layers) + outputs))
+
+
+def prepare(block, first_batch: Optional[Sequence[mx.nd.NDArray]], quantized_dtype: str,
+            quantize_mode: str, granularity: str, exclude_layers=(), exclude_layers_match=(),
+            exclude_operators=()) -> Prepared:
+    """Trace, fuse (guarded), verify the fusion on the first batch, and plan the graph."""
+    traced = trace(block, first_batch)
+    fused = fuse(traced.symbol)
+    nodes = graph_nodes(fused)
+    excluded = resolve_exclusions(nodes, exclude_layers, exclude_layers_match,
+                                  exclude_operators)
+    _warn_full_mode_detector(nodes, quantize_mode)
+    plan = plan_graph(fused, excluded, list(traced.arg_params), traced.data_names,
+                      quantized_dtype, quantize_mode, granularity)
+    if first_batch is not None:
+        verify(plan.fused, traced.symbol, traced.data_names,
+               {**traced.aux_params, **traced.arg_params}, first_batch)
+    return Prepared(traced, graph_nodes(plan.fused), excluded, plan, quantized_dtype,
+                    quantize_mode, granularity)
+
+
+def replan(prepared: Prepared, excluded: Mapping[str, str],
+           granularity: Optional[str] = None) -> Prepared:
+    """The same network planned again with ``excluded`` FP32 (layer -> reason) on top of
+    the user's exclusions, and perhaps another weight granularity."""
+    reasons = dict(excluded)
+    reasons.update(prepared.user_excluded)  # a user's exclusion keeps the user's reason
+    granularity = granularity or prepared.granularity
+    plan = plan_graph(prepared.plan.fused, reasons, list(prepared.traced.arg_params),
+                      prepared.data_names, prepared.quantized_dtype, prepared.quantize_mode,
+                      granularity)
+    return dataclasses.replace(prepared, plan=plan, nodes=graph_nodes(plan.fused),
+                               granularity=granularity)
+
+
+def _warn_full_mode_detector(nodes: Sequence[Node], quantize_mode: str) -> None:
+    """quantize_mode='full' on a detector quantizes the concat that joins decoded ids,
+    scores and boxes before NMS: our trained Fashion-MNIST SSD then scores mAP 0."""
+    found = sorted({n.op for n in nodes if n.op in DETECTION_OPS})
+    if quantize_mode == 'full' and found:
+        log.warning("quantize_mode='full' on a graph with %s: the concat of decoded boxes, "
+                    "scores and ids before NMS gets quantized and the detections break; "
+                    "use quantize_mode='smart' (the zoo presets of detectors do)",
+                    ', '.join(found))
+
+
+def calibrate(prepared: Prepared, batches, collector: Collector, progress: bool = False,
+              total: Optional[int] = None, layers: Optional[Sequence[str]] = None
+              ) -> Dict[str, LayerStats]:
+    """Statistics of ``layers`` (default: :meth:`Prepared.statistics_layers`) over the
+    batches, from the fused FP32 graph."""
+    traced = prepared.traced
+    return collect_statistics(prepared.plan.fused, traced.data_names, traced.arg_params,
+                              traced.aux_params, layers or prepared.statistics_layers(),
+                              batches, collector, progress, total)
+
+
+def convert(prepared: Prepared, table: Optional[CalibrationTable],
+            batch: Optional[Sequence[mx.nd.NDArray]] = None,
+            self_check: str = 'warn') -> QuantizedBlock:
+    """The INT8 block of a prepared network and its calibration table (None: ranges
+    computed at runtime), checked against FP32 on ``batch`` (see :mod:`selfcheck`).
+
+    With ``self_check='fallback'`` the first layer (in graph order) the check finds
+    defective returns to FP32 and the block is built and checked again, up to
+    :data:`MAX_FALLBACKS` times; with ``'warn'`` each defective layer gets a warning.
+    """
+    for _ in range(MAX_FALLBACKS):
+        built, problems = _build(prepared, table)
+        if problems:  # the plan missed a case: those layers go FP32, and again
+            log.warning('INT8 layers that the op table does not call correct with their '
+                        'calibrated dtypes stay FP32: %s', problems)
+            prepared = replan(prepared, {**prepared.plan.reasons, **problems})
+            continue
+        qnet, qsym, values = built
+        if batch is None or self_check == 'off':
+            return qnet
+        defects = _self_check(qnet, qsym, values, prepared, batch)
+        if not defects:
+            return qnet
+        if self_check == 'warn':
+            for check in defects:
+                log.warning('%s: %s', check.layer, check.describe())
+            return qnet
+        # the first defect in graph order only: the layers after it read its output, and
+        # may look defective only through it
+        first = defects[0]
+        log.warning('%s returns to FP32: %s', first.layer, first.describe())
+        prepared = replan(prepared, {**prepared.plan.reasons, first.layer: first.describe()})
+    raise RuntimeError('convert: still defective after %d rounds' % MAX_FALLBACKS)
+
+
+def _build(prepared: Prepared, table: Optional[CalibrationTable]):
+    """((block, INT8 graph, its values), {}), or (None, problems): the INT8 layers that
+    break the op table once the ranges are set."""
+    plan, traced = prepared.plan, prepared.traced
+    ranges = {}
+    if table is not None:  # None: ranges computed at runtime (mode='none')
+        table.check_layers(plan.calib_layers, table.ranges)  # extras: for other plans
+        ranges = ranges_in_graph({n: table.ranges[n] for n in plan.calib_layers}, plan)
+    qsym = finalize(plan.qsym, ranges, plan.rewrites)
+    problems = check_calibrated(qsym, traced.data_names, plan.rewrites)
+    if problems:
+        return None, problems
+    values = quantize_offline_params(qsym, traced.arg_params, plan.rewrites.seven_bit)
+    int8_names = weights.int8_weight_names(qsym, values)
+    values, int8_store = weights.round_weights(values, int8_names)
+    layers = summarize(graph_nodes(plan.fused), qsym, plan.reasons, plan.notes,
+                       plan.rewrites.drops)
+    qnet = build_symbol_block(qsym, traced.data_names, values, traced.aux_params,
+                              cls=QuantizedBlock, calib_table=table, layers=layers,
+                              out_format=traced.out_format, int8_weights=int8_store,
+                              fp32_graph=fp32_reference(plan.fused, traced.arg_params, values))
+    qnet.hybridize(static_alloc=True, static_shape=True)
+    log.info('%d layers run INT8, %d stay FP32', len(qnet.int8_layers), len(qnet.fp32_layers))
+    return (qnet, qsym, {**traced.aux_params, **values}), {}
+
+
+def _self_check(qnet: QuantizedBlock, qsym, values, prepared: Prepared,
+                batch) -> List[selfcheck.NodeCheck]:
+    """Run the self-check on ``qnet``; keep the results on it; return the defects."""
+    checks = selfcheck.check(qsym, values, values, prepared.plan.fused, values,
+                             prepared.data_names, batch, prepared.plan.rewrites)
+    qnet.self_check = checks
+    worst = max((c.error_steps for c in checks), default=0.0)
+    log.info('self-check: %d INT8 layers against their FP32 ops, worst %.2f output steps',
+             len(checks), worst)
+    return [c for c in checks if c.defect]

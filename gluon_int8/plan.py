@@ -1,0 +1,602 @@
+"""Stage 3b, plan: every INT8 node checked against the op table, and made correct.
+
+MXNet's quantization pass (:func:`gluon_int8.quantize_graph.quantize_symbol`) quantizes
+every op that has an INT8 kernel. Some kernels compute wrong numbers, or fail, for some
+input dtypes (:mod:`gluon_int8.op_table` holds the measurements). :func:`plan_graph`
+looks at every INT8 node of the graph as it will run (after calibration and the
+post-quantization fusion), with the dtypes of its data inputs, and asks the table. For a
+combination that is not ``ok`` it takes the cheapest remedy the table says is correct:
+
+* ``reduce``: a u8 tensor read by a kernel that saturates at 8 bits (oneDNN's u8*s8
+  without VNNI) gets a doubled range, so its codes stay below 128 (``u7``);
+* ``pin``: a quantize node whose dtype follows its calibrated range ('auto') emits int8,
+  for a kernel that reads int8 only;
+* ``convert``: a uint8 tensor on its way to a kernel that reads int8 only passes a
+  dequantize + int8 quantize pair;
+* ``drop``: an INT8 ReLU of a uint8 tensor is the identity and is removed (MXNet's kernel
+  reads its input as int8 and zeroes values above 127);
+* ``7-bit weights``: an FC whose kernel saturates with 8-bit weights stores 7-bit ones;
+* ``requantize``: an INT8 add emits int32 and a requantize node of its own follows (its
+  fused requantize shares oneDNN primitives between adds that it must not share);
+* ``widen``: an INT8 multiply (which casts to int8 without saturating) gets an output
+  range that holds the product of its input ranges, so nothing wraps around;
+* ``split``: a conv+sum+ReLU whose sum input is int8 (its oneDNN kernel writes uint8
+  values into the sum's int8 buffer) becomes conv+sum and a ReLU of its own;
+* ``FP32``: the node stays FP32, with the reason.
+
+The first seven change neither the graph MXNet quantizes nor what calibration needs;
+``split`` and ``FP32`` do, and the pass runs again. The dtype of a quantize node follows
+its calibrated range, which is not known while planning: the plan holds for either
+dtype, and :func:`check_calibrated` looks again once the ranges are set.
+"""
+import dataclasses
+import json
+import logging
+from typing import Dict, FrozenSet, List, Mapping, Optional, Sequence, Tuple
+
+import mxnet as mx
+import numpy as np
+
+from . import op_table
+from .fuse import fuse
+from .quantize_graph import graph_outputs, quantize_symbol, set_calib_table
+
+log = logging.getLogger(__name__)
+
+QUANTIZE, DEQUANTIZE, REQUANTIZE = ('_contrib_quantize_v2', '_contrib_dequantize',
+                                    '_contrib_requantize')
+CONVERSIONS = frozenset([QUANTIZE, DEQUANTIZE, REQUANTIZE])
+# INT8 nodes whose output carries the range (and dtype) of their data input(s)
+PASS_THROUGH = frozenset(['_contrib_quantized_pooling', '_contrib_quantized_flatten',
+                          '_contrib_quantized_act', '_contrib_quantized_concat'])
+_PATTERNS = {'_contrib_quantized_concat': 'concat', '_contrib_quantized_flatten': 'flatten',
+             '_contrib_quantized_batch_norm': 'batchnorm'}
+_DTYPES = {np.dtype(np.int8): 's8', np.dtype(np.uint8): 'u8', np.dtype(np.int32): 's32'}
+AUTO = 'auto'
+PREFIX = 'quantized_'
+MAX_ROUNDS = 50
+MAX_SEARCHED_INPUTS = 4  # remedies are searched over 3^inputs choices
+
+
+@dataclasses.dataclass(frozen=True)
+class Rewrites:
+    """Changes to the quantized graph that the pass itself does not see."""
+    pins: FrozenSet[str] = frozenset()                  # quantize nodes made int8
+    drops: FrozenSet[str] = frozenset()                 # INT8 ReLU nodes removed
+    converts: FrozenSet[Tuple[str, str]] = frozenset()  # (consumer, producer) edges -> s8
+    seven_bit: FrozenSet[str] = frozenset()             # FC weights stored in 7 bits
+    reduce: FrozenSet[str] = frozenset()                # calibrated tensors whose range doubles
+    # INT8 multiplies whose output range covers the product of their input ranges:
+    # (node, its calibrated output, the sources of each input)
+    widen: FrozenSet[Tuple[str, str, Tuple[str, ...], Tuple[str, ...]]] = frozenset()
+    # INT8 adds that emit int32 into a requantize node of their own
+    requantize: FrozenSet[str] = frozenset()
+
+    @property
+    def widened(self) -> FrozenSet[str]:
+        return frozenset(w[0] for w in self.widen)
+
+    def merge(self, more: Mapping[str, set]) -> 'Rewrites':
+        return dataclasses.replace(self, **{k: getattr(self, k) | frozenset(v)
+                                            for k, v in more.items()})
+
+
+@dataclasses.dataclass
+class Plan:
+    """A fused FP32 graph, its quantized graph, and what makes the INT8 graph correct."""
+    fused: mx.sym.Symbol                # FP32, after any split
+    qsym: mx.sym.Symbol                 # MXNet's pass output, not calibrated
+    calib_layers: List[str]             # tensors that need a range
+    reasons: Dict[str, str]             # fused node -> why it stays FP32
+    rewrites: Rewrites
+    notes: Dict[str, str]               # fused node -> what the plan changed for it
+    unsigned: FrozenSet[str] = frozenset()  # calibrated tensors uint8 whatever their range
+
+
+# -- reading a quantized graph ---------------------------------------------------------
+
+class _View:
+    """A graph as JSON, with the name of every node output (as calibration names it)."""
+
+    def __init__(self, symbol: mx.sym.Symbol):
+        self.graph = json.loads(symbol.tojson())
+        self.nodes = self.graph['nodes']
+        index = {n['name']: i for i, n in enumerate(self.nodes)}
+        self.outputs = {(index[node], idx): name for node, idx, name in graph_outputs(symbol)}
+
+    def output_name(self, index: int, out: int) -> str:
+        node = self.nodes[index]
+        return node['name'] if node['op'] == 'null' else self.outputs[(index, out)]
+
+    def weight(self, node: dict) -> Optional[str]:
+        """The FP32 weight an INT8 FC node's ``<w>_quantize`` input stands for."""
+        for src, _, _ in node['inputs']:
+            name = self.nodes[src]['name']
+            if self.nodes[src]['op'] == 'null' and name.endswith('weight_quantize'):
+                return name[:-len('_quantize')]
+        return None
+
+    def int8_nodes(self) -> List[int]:
+        """The computing INT8 nodes (not the quantize/dequantize conversions)."""
+        return [i for i, n in enumerate(self.nodes) if n['op'] not in CONVERSIONS
+                and n['op'] != 'null' and n['name'].startswith(PREFIX)]
+
+    def data_inputs(self, index: int, dtypes: Mapping[str, str]) -> List[Tuple[int, int]]:
+        """(producer, output) of the int8/uint8 inputs of a node that come from other nodes
+        (its data, not its int8 weights nor the float min/max), in input order."""
+        return [(src, out) for src, out, _ in self.nodes[index]['inputs']
+                if self.nodes[src]['op'] != 'null'
+                and dtypes.get(self.output_name(src, out)) in ('u8', 's8')]
+
+    def sources(self, index: int) -> Tuple[str, ...]:
+        """The calibrated tensors whose ranges the output of node ``index`` carries."""
+        node = self.nodes[index]
+        if node['op'] == REQUANTIZE:  # carries the range of the node it follows
+            return self.sources(node['inputs'][0][0])
+        if node['op'] == QUANTIZE:
+            src, out, _ = node['inputs'][0]
+            if self.nodes[src]['op'] == DEQUANTIZE:  # a convert carries its source's range
+                return self.sources(self.nodes[src]['inputs'][0][0])
+            return (self.output_name(src, out),)
+        if node['op'] in PASS_THROUGH:
+            return self._upstream(index, self.sources)
+        name = node['name']
+        return ((name[len(PREFIX):] if name.startswith(PREFIX) else name) + '_output',)
+
+    def quantizers(self, index: int) -> Tuple[str, ...]:
+        """The quantize nodes with out_type 'auto' whose dtype node ``index``'s output
+        follows."""
+        node = self.nodes[index]
+        if node['op'] == QUANTIZE:
+            return (node['name'],) if node.get('attrs', {}).get('out_type') == 'auto' else ()
+        return self._upstream(index, self.quantizers) if node['op'] in PASS_THROUGH else ()
+
+    def _upstream(self, index: int, fn) -> Tuple[str, ...]:
+        found = [x for src, out, _ in self.nodes[index]['inputs']
+                 if out == 0 and self.nodes[src]['op'] != 'null' for x in fn(src)]
+        return tuple(dict.fromkeys(found))
+
+
+def _dtypes(symbol: mx.sym.Symbol, data_names: Sequence[str]) -> Dict[str, str]:
+    internals = symbol.get_internals()
+    _, types, _ = internals.infer_type_partial(**{n: 'float32' for n in data_names})
+    return {name: _DTYPES.get(np.dtype(t), np.dtype(t).name) if t is not None else '?'
+            for name, t in zip(internals.list_outputs(), types)}
+
+
+def _true(attrs: Mapping[str, str], key: str) -> bool:
+    return str(attrs.get(key, 'false')).lower() == 'true'
+
+
+def pattern_of(node: dict, weight: Optional[str] = None,
+               rewrites: Optional['Rewrites'] = None) -> Optional[str]:
+    """The op-table pattern of an INT8 node (None: an op the table does not know)."""
+    op, attrs = node['op'], node.get('attrs', {})
+    if op == '_sg_mkldnn_conv':
+        if _true(attrs, 'with_act') and _true(attrs, 'with_sum'):
+            return None  # conv+act+sum: MXNet 1.9.1 does not support it
+        return 'conv' + ('+act' if _true(attrs, 'with_act') else '') + \
+            ('+sum' if _true(attrs, 'with_sum') else '') + \
+            ('+act' if _true(attrs, 'with_postsum_act') else '')
+    if op == '_sg_mkldnn_fully_connected':
+        base = 'fc+act' if _true(attrs, 'with_eltwise') else 'fc'
+        if _true(attrs, 'channel_wise_quantize'):
+            return base + '.ch'
+        return base + ('.w7' if rewrites and weight in rewrites.seven_bit else '')
+    if op == '_contrib_quantized_pooling':
+        return 'pool:%s%s' % (attrs.get('pool_type', 'max'),
+                              ':global' if _true(attrs, 'global_pool') else '')
+    if op == '_contrib_quantized_act':
+        return 'act:%s' % attrs.get('act_type', 'relu')
+    if op == '_contrib_quantized_elemwise_mul':
+        return 'mul.wide' if rewrites and node['name'] in rewrites.widened else 'mul'
+    if op == '_contrib_quantized_elemwise_add':
+        return 'add.rq' if rewrites and node['name'] in rewrites.requantize else 'add'
+    return _PATTERNS.get(op)
+
+
+# -- the graph that runs ---------------------------------------------------------------
+
+def finalize(qsym: mx.sym.Symbol, ranges: Mapping[str, Tuple[float, float]],
+             rewrites: Rewrites) -> mx.sym.Symbol:
+    """``qsym`` with its pins, ranges, the post-quantization fusion, then its converts and
+    drops: the INT8 graph that runs."""
+    graph = json.loads(qsym.tojson())
+    for node in graph['nodes']:
+        if node['op'] == QUANTIZE and node['name'] in rewrites.pins:
+            node.setdefault('attrs', {})['out_type'] = 'int8'
+    # a copy: the C++ pass writes the ranges into nodes it shares with its input
+    calibrated = fuse(set_calib_table(mx.sym.load_json(json.dumps(graph)), ranges))
+    if not rewrites.drops and not rewrites.converts and not rewrites.requantize:
+        return calibrated
+    view = _View(calibrated)
+    graph = _with_converts(view, rewrites.converts, ranges)
+    graph = _without(graph, rewrites.drops)
+    graph = _requantize_apart(graph, rewrites.requantize)
+    return mx.sym.load_json(json.dumps(graph))
+
+
+def _rebuild(graph: dict, order: List[dict], inputs_of) -> dict:
+    """``graph`` with nodes ``order`` (topological), each node's inputs given by
+    ``inputs_of(node) -> [(node dict, out, ver)]``, heads likewise."""
+    index = {id(n): i for i, n in enumerate(order)}
+    for node in order:
+        node['inputs'] = [[index[id(src)], out, ver] for src, out, ver in inputs_of(node)]
+    graph['heads'] = [[index[id(src)], out, ver] for src, out, ver in inputs_of(None)]
+    graph['nodes'] = order
+    graph['arg_nodes'] = [i for i, n in enumerate(order) if n['op'] == 'null']
+    graph.pop('node_row_ptr', None)
+    return graph
+
+
+def _linked(graph: dict) -> Dict[int, list]:
+    """Each node's inputs (and the heads, under key None) as (node dict, out, ver)."""
+    nodes = graph['nodes']
+    links = {id(n): [(nodes[s], o, v) for s, o, v in n['inputs']] for n in nodes}
+    links[None] = [(nodes[s], o, v) for s, o, v in graph['heads']]
+    return links
+
+
+def _without(graph: dict, drops: FrozenSet[str]) -> dict:
+    """Remove the named one-input INT8 nodes: their readers read their input."""
+    links = _linked(graph)
+    gone = {id(n): n for n in graph['nodes'] if n['name'] in drops}
+
+    def through(entry):
+        src, out, ver = entry
+        while id(src) in gone:
+            src, out, _ = links[id(src)][out]  # outputs 0, 1, 2 <- inputs 0, 1, 2
+        return src, out, ver
+
+    return _rebuild(graph, [n for n in graph['nodes'] if id(n) not in gone],
+                    lambda n: [through(e) for e in links[id(n) if n is not None else None]])
+
+
+def _with_converts(view: _View, edges: FrozenSet[Tuple[str, str]],
+                   ranges: Mapping[str, Tuple[float, float]]) -> dict:
+    """Insert dequantize -> int8 quantize between each (consumer, producer) pair."""
+    graph, nodes = view.graph, view.nodes
+    links = _linked(graph)
+    by_name = {n['name']: i for i, n in enumerate(nodes)}
+    after: Dict[int, List[dict]] = {}
+    for consumer, producer in sorted(edges):
+        if consumer not in by_name or producer not in by_name:
+            continue
+        p = nodes[by_name[producer]]
+        found = [ranges[s] for s in view.sources(by_name[producer]) if s in ranges]
+        threshold = max(max(abs(lo), abs(hi)) for lo, hi in found) if found else 1.0
+        deq = {'op': DEQUANTIZE, 'name': '%s_dequantize_for_%s' % (producer, consumer),
+               'attrs': {'out_type': 'float32'}, 'inputs': []}
+        q = {'op': QUANTIZE, 'name': '%s_int8_for_%s' % (producer, consumer),
+             'attrs': {'out_type': 'int8', 'min_calib_range': repr(-threshold),
+                       'max_calib_range': repr(threshold)}, 'inputs': []}
+        links[id(deq)] = [(p, 0, 0), (p, 1, 0), (p, 2, 0)]
+        links[id(q)] = [(deq, 0, 0)]
+        c = id(nodes[by_name[consumer]])
+        links[c] = [(q, out, ver) if src is p else (src, out, ver) for src, out, ver in links[c]]
+        after.setdefault(by_name[producer], []).extend([deq, q])
+    order = [m for i, n in enumerate(nodes) for m in [n] + after.get(i, [])]
+    return _rebuild(graph, order, lambda n: links[id(n) if n is not None else None])
+
+
+def _requantize_apart(graph: dict, names: FrozenSet[str]) -> dict:
+    """The named INT8 nodes lose their calibrated range (they emit int32) and a
+    requantize node with that range follows each: MXNet's INT8 add caches its oneDNN
+    primitive under a key that reads its output range before it is written, so two adds
+    of the same shapes and input ranges share the first one's output scale."""
+    links = _linked(graph)
+    after = {}
+    for node in graph['nodes']:
+        attrs = node.get('attrs', {})
+        if node['name'] not in names or 'max_calib_range' not in attrs:
+            continue
+        rq = {'op': '_contrib_requantize', 'name': 'requantize_' + node['name'],
+              'attrs': {'out_type': 'auto', 'min_calib_range': attrs.pop('min_calib_range'),
+                        'max_calib_range': attrs.pop('max_calib_range')}}
+        for key, entries in links.items():
+            links[key] = [(rq, o, v) if src is node else (src, o, v) for src, o, v in entries]
+        links[id(rq)] = [(node, 0, 0), (node, 1, 0), (node, 2, 0)]
+        after[id(node)] = rq
+    order = [m for n in graph['nodes'] for m in ([n, after[id(n)]] if id(n) in after else [n])]
+    return _rebuild(graph, order, lambda n: links[id(n) if n is not None else None])
+
+
+def split_postsum_act(fused: mx.sym.Symbol, name: str) -> mx.sym.Symbol:
+    """``fused`` with the activation after the sum of conv node ``name`` taken out into a
+    node of its own: the same function, and the conv+sum emits int8."""
+    graph = json.loads(fused.tojson())
+    links = _linked(graph)
+    node = next(n for n in graph['nodes'] if n['name'] == name)
+    sub = node['subgraphs'][0]
+    act = sub['nodes'][sub['heads'][0][0]]  # the last inner node
+    sub['heads'] = [list(act['inputs'][0])]
+    sub['nodes'].remove(act)
+    sub['arg_nodes'] = [i for i, n in enumerate(sub['nodes']) if n['op'] == 'null']
+    sub.pop('node_row_ptr', None)
+    node['attrs'] = {k: v for k, v in node['attrs'].items() if k != 'with_postsum_act'}
+    standalone = {'op': act['op'], 'name': act['name'], 'attrs': act.get('attrs', {})}
+    for key, entries in links.items():
+        links[key] = [(standalone, 0, v) if src is node else (src, o, v) for src, o, v in entries]
+    links[id(standalone)] = [(node, 0, 0)]
+    order = [m for n in graph['nodes'] for m in ([n, standalone] if n is node else [n])]
+    log.info('%s: its ReLU after the sum now runs as %s', name, act['name'])
+    return mx.sym.load_json(json.dumps(
+        _rebuild(graph, order, lambda n: links[id(n) if n is not None else None])))
+
+
+# -- decisions -------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class _Input:
+    """A data input of an INT8 node, as planning sees it."""
+    dtype: str                   # u8, s8 or auto (follows the calibrated range)
+    producer: str                # the node that produces it
+    quantizers: Tuple[str, ...]  # auto: the quantize nodes it follows
+    sources: Tuple[str, ...]     # the calibrated tensors whose ranges it carries
+
+
+@dataclasses.dataclass(frozen=True)
+class _Node:
+    name: str                    # the INT8 node
+    fp32: str                    # its fused FP32 node
+    pattern: Optional[str]
+    inputs: Tuple[_Input, ...]
+    weight: Optional[str]        # FC: its weight parameter
+
+    @property
+    def dtypes(self) -> List[str]:
+        return [i.dtype for i in self.inputs]
+
+
+def analyse(qsym: mx.sym.Symbol, calib_layers: Sequence[str], data_names: Sequence[str],
+            rewrites: Rewrites) -> List[_Node]:
+    """Every INT8 node of the graph that will run, with its input dtypes: fixed whatever
+    the ranges, or 'auto'."""
+    unsigned = finalize(qsym, {n: (0.0, 1.0) for n in calib_layers}, rewrites)
+    signed = finalize(qsym, {n: (-1.0, 1.0) for n in calib_layers}, rewrites)
+    dtype_u, dtype_s = _dtypes(unsigned, data_names), _dtypes(signed, data_names)
+    view = _View(unsigned)
+    found = []
+    for index in view.int8_nodes():
+        node = view.nodes[index]
+        inputs = []
+        for src, out in view.data_inputs(index, dtype_u):
+            name = view.output_name(src, out)
+            dtype = dtype_u[name] if dtype_u[name] == dtype_s.get(name) else AUTO
+            inputs.append(_Input(dtype, view.nodes[src]['name'], view.quantizers(src),
+                                 view.sources(src)))
+        weight = view.weight(node)
+        found.append(_Node(node['name'], node['name'][len(PREFIX):],
+                           pattern_of(node, weight, rewrites), tuple(inputs), weight))
+    return found
+
+
+@dataclasses.dataclass
+class _Decision:
+    rewrites: Dict[str, set] = dataclasses.field(default_factory=dict)
+    fp32: Dict[str, str] = dataclasses.field(default_factory=dict)   # fused node -> reason
+    split: List[str] = dataclasses.field(default_factory=list)       # fused conv nodes
+    notes: Dict[str, Tuple[Tuple[str, ...], str]] = dataclasses.field(default_factory=dict)
+
+    def note(self, node: '_Node', what: str) -> None:
+        """Record ``what`` was done for ``node``, and the table's reason for it."""
+        done, _ = self.notes.get(node.fp32, ((), ''))
+        reason = op_table.describe(node.pattern, _failing(node.pattern, node.dtypes))
+        self.notes[node.fp32] = (tuple(dict.fromkeys(done + (what,))), reason)
+
+    def add(self, kind: str, values) -> None:
+        self.rewrites.setdefault(kind, set()).update(values)
+
+    @property
+    def changes_graph(self) -> bool:
+        return bool(self.fp32 or self.split)
+
+
+_EXPAND = {AUTO: ('u8', 's8'), 'auto7': ('u7', 's8')}
+# per input dtype: (dtype after the remedy, the remedy), cheapest first
+_OPTIONS = {'u8': (('u8', None), ('u7', 'reduce'), ('s8', 'converts')),
+            's8': (('s8', None),),
+            AUTO: ((AUTO, None), ('auto7', 'reduce'), ('s8', 'pins'))}
+_COST = {None: 0, 'reduce': 1, 'pins': 2, 'converts': 3}
+
+
+def _combos(dtypes: Sequence[str]) -> List[Tuple[str, ...]]:
+    out = [()]
+    for d in dtypes:
+        out = [c + (x,) for c in out for x in _EXPAND.get(d, (d,))]
+    return out
+
+
+def _works(pattern: str, dtypes: Sequence[str]) -> bool:
+    return all(op_table.is_ok(pattern, combo) for combo in _combos(dtypes))
+
+
+def _remedies(pattern: str, dtypes: Sequence[str]) -> Optional[Tuple[Optional[str], ...]]:
+    """The cheapest remedy per input (None: as it is) under which every dtype the inputs
+    may take is ok for ``pattern``; None if there is none."""
+    if _works(pattern, dtypes):
+        return (None,) * len(dtypes)
+    if len(dtypes) > MAX_SEARCHED_INPUTS:
+        return None
+    choices = [()]
+    for d in dtypes:
+        choices = [c + (o,) for c in choices for o in _OPTIONS.get(d, ((d, None),))]
+    for choice in sorted(choices, key=lambda c: sum(_COST[r] for _, r in c)):
+        if _works(pattern, [d for d, _ in choice]):
+            return tuple(r for _, r in choice)
+    return None
+
+
+def _failing(pattern: str, dtypes: Sequence[str]) -> Tuple[str, ...]:
+    """The first concrete dtype combination the kernel does not get right as it is."""
+    for combo in _combos(dtypes):
+        if not op_table.is_ok(pattern, combo):
+            return combo
+    return tuple(dtypes)
+
+
+def _apply(node: _Node, remedies: Sequence[Optional[str]], decision: _Decision) -> None:
+    for remedy, given in zip(remedies, node.inputs):
+        if remedy == 'reduce':
+            decision.add('reduce', given.sources)
+        elif remedy == 'pins':
+            decision.add('pins', given.quantizers)
+        elif remedy == 'converts':
+            decision.add('converts', [(node.name, given.producer)])
+    used = sorted({r for r in remedies if r in ('pins', 'converts')})
+    if used:
+        what = {'pins': 'input quantized as int8', 'converts': 'uint8 input converted to int8'}
+        for u in used:
+            decision.note(node, what[u])
+
+
+def _decide(node: _Node, decision: _Decision) -> None:
+    """Add to ``decision`` what makes ``node`` correct (nothing when it is)."""
+    pattern, dtypes = node.pattern, node.dtypes
+    if pattern is None:
+        decision.fp32[node.fp32] = 'INT8 %s is not in the op table (never measured)' % \
+            node.name
+        return
+    if pattern == 'act:relu' and dtypes == ['u8'] and not op_table.is_ok(pattern, ('u8',)):
+        decision.add('drops', [node.name])
+        decision.note(node, 'removed: the ReLU of a uint8 tensor is the identity')
+        return
+    remedies = _remedies(pattern, dtypes)
+    if remedies is not None:
+        _apply(node, remedies, decision)
+        return
+    if pattern == 'conv+sum+act' and dtypes[1] != 'u8':
+        decision.split.append(node.fp32)
+        decision.note(node, 'the ReLU after the sum runs as its own op')
+        return
+    if pattern == 'add':
+        remedies = _remedies('add.rq', dtypes)
+        if remedies is not None:
+            decision.add('requantize', [node.name])
+            decision.note(node, 'int32 output with a requantize node of its own')
+            _apply(node, remedies, decision)
+            return
+    if pattern == 'mul' and len(node.inputs) == 2:
+        remedies = _remedies('mul.wide', dtypes)
+        if remedies is not None:
+            a, b = node.inputs
+            decision.add('widen', [(node.name, node.fp32 + '_output', a.sources, b.sources)])
+            decision.note(node, 'output range widened to the product of the input ranges')
+            _apply(node, remedies, decision)
+            return
+    if pattern in ('fc', 'fc+act') and node.weight:
+        remedies = _remedies(pattern + '.w7', dtypes)
+        if remedies is not None:
+            decision.add('seven_bit', [node.weight])
+            decision.note(node, '7-bit weights')
+            _apply(node, remedies, decision)
+            return
+    decision.fp32[node.fp32] = op_table.describe(pattern, _failing(pattern, dtypes))
+
+
+def plan_graph(fused: mx.sym.Symbol, excluded: Mapping[str, str], offline_params: Sequence[str],
+               data_names: Sequence[str], quantized_dtype: str, quantize_mode: str,
+               granularity: str) -> Plan:
+    """Quantize ``fused`` with MXNet's pass and make every INT8 node correct (see the
+    module docstring). ``excluded`` maps the user's FP32 layers to their reasons."""
+    reasons, notes = dict(excluded), {}  # notes: fused node -> (what was done, why)
+    for _ in range(MAX_ROUNDS):
+        qsym, layers = quantize_symbol(fused, sorted(reasons), offline_params, quantized_dtype,
+                                       quantize_mode, granularity)
+        rewrites, decision = _settle(qsym, layers, data_names)
+        _merge_notes(notes, decision.notes)
+        if not decision.changes_graph:
+            notes = {n: '%s (%s)' % ('; '.join(done), why) for n, (done, why) in notes.items()}
+            return Plan(fused, qsym, layers, reasons, rewrites, notes,
+                        _unsigned(qsym, layers, data_names, rewrites))
+        for name, reason in decision.fp32.items():
+            log.info('%s stays FP32: %s', name, reason)
+        reasons.update(decision.fp32)
+        for name in decision.split:
+            fused = split_postsum_act(fused, name)
+    raise RuntimeError('plan: no stable plan after %d rounds' % MAX_ROUNDS)
+
+
+def _merge_notes(into: dict, more: dict) -> None:
+    for node, (done, why) in more.items():
+        before = into.get(node, ((), why))[0]
+        into[node] = (tuple(dict.fromkeys(before + done)), why)
+
+
+def _settle(qsym, layers, data_names) -> Tuple[Rewrites, _Decision]:
+    """Rewrites of one quantized graph until every node is correct or the graph itself
+    must change (the decision then says how)."""
+    rewrites, notes = Rewrites(), {}
+    for _ in range(MAX_ROUNDS):
+        decision = _Decision()
+        for node in analyse(qsym, layers, data_names, rewrites):
+            _decide(node, decision)
+            if decision.changes_graph:  # decide the rest on the new graph
+                break
+        _merge_notes(notes, decision.notes)
+        merged = rewrites.merge(decision.rewrites)
+        if decision.changes_graph or merged == rewrites:
+            decision.notes = notes
+            return merged, decision
+        rewrites = merged
+    raise RuntimeError('plan: the rewrites did not settle after %d rounds' % MAX_ROUNDS)
+
+
+def _unsigned(qsym, layers, data_names, rewrites: Rewrites) -> FrozenSet[str]:
+    """The calibrated tensors that are uint8 even with signed ranges (a conv with a fused
+    ReLU emits uint8 whatever its range says)."""
+    signed = finalize(qsym, {n: (-1.0, 1.0) for n in layers}, rewrites)
+    dtypes, view = _dtypes(signed, data_names), _View(signed)
+    found = set()
+    for index in view.int8_nodes():
+        if dtypes.get(view.output_name(index, 0)) == 'u8':
+            found.update(view.sources(index))
+    return frozenset(found & set(layers))
+
+
+def check_calibrated(qsym: mx.sym.Symbol, data_names: Sequence[str],
+                     rewrites: Rewrites) -> Dict[str, str]:
+    """After calibration: fused node -> why, for every INT8 node of the graph that runs
+    whose input dtypes the op table does not call ok (empty when the plan held)."""
+    view, dtypes = _View(qsym), _dtypes(qsym, data_names)
+    problems = {}
+    for index in view.int8_nodes():
+        node = view.nodes[index]
+        combo = []
+        for src, out in view.data_inputs(index, dtypes):
+            dtype = dtypes[view.output_name(src, out)]
+            if dtype == 'u8' and set(view.sources(src)) <= rewrites.reduce:
+                dtype = 'u7'
+            combo.append(dtype)
+        pattern = pattern_of(node, view.weight(node), rewrites)
+        if pattern is None or not op_table.is_ok(pattern, tuple(combo)):
+            problems[node['name'][len(PREFIX):]] = op_table.describe(pattern or node['op'],
+                                                                     tuple(combo))
+    return problems
+
+
+def ranges_in_graph(ranges: Mapping[str, Tuple[float, float]],
+                    plan: Plan) -> Dict[str, Tuple[float, float]]:
+    """The ranges the INT8 graph uses. A tensor that is uint8 whatever its range gets
+    ``[0, T]`` (a custom collector may report a negative min there: MXNet's next kernel
+    would refuse it); the non-negative ranges of the ``reduce`` tensors are doubled
+    (their uint8 codes then stay below 128); a widened multiply's output range holds
+    the product of its input ranges."""
+    used = {}
+    for name, (lo, hi) in ranges.items():
+        if name in plan.unsigned and lo < 0:
+            lo, hi = 0.0, max(-lo, hi)
+        if name in plan.rewrites.reduce and lo >= 0:
+            hi *= 2.0
+        used[name] = (lo, hi)
+    for _, out, a, b in plan.rewrites.widen:
+        if out in used:
+            bound = _peak(used, a) * _peak(used, b)
+            lo, hi = used[out]
+            if bound > max(-lo, hi):
+                used[out] = (-bound if lo < 0 else 0.0, bound)
+    return used
+
+
+def _peak(ranges: Mapping[str, Tuple[float, float]], names: Sequence[str]) -> float:
+    return max(max(-ranges[n][0], ranges[n][1]) for n in names if n in ranges)

@@ -3,7 +3,7 @@ metric), the synthetic detection set, and the shipped SSD through INT8."""
 import numpy as np
 import pytest
 
-from gluon_int8 import detection as det
+from gluon_int8_samples import detection as det
 
 A = [0, 0, 10, 10]
 B = [20, 20, 40, 40]

@@ -12,7 +12,8 @@ import pytest
 import ray
 
 import gluon_int8
-from gluon_int8 import distributed, fashion_mnist
+from gluon_int8 import distributed
+from gluon_int8_samples import fashion_mnist
 
 BATCH = 32
 

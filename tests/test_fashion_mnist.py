@@ -6,7 +6,7 @@ import mxnet as mx
 import numpy as np
 import pytest
 
-from gluon_int8 import fashion_mnist as fm
+from gluon_int8_samples import fashion_mnist as fm
 
 # Accuracy of the shipped parameters on the bundled 1000-image slice, as
 # measured after training (see examples/fashion_mnist/README.md):

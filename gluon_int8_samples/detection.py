@@ -1,5 +1,7 @@
 """Object detection on real images: a synthetic Fashion-MNIST detection set, VOC mAP and
-a small GluonCV SSD trained on it (parameters shipped as ``data/ssd_fashion.params``).
+a small GluonCV SSD trained on it (parameters shipped as
+``gluon_int8_samples/data/ssd_fashion.params``). Needs OpenCV and GluonCV (the ``[samples]``
+extra).
 
 * :func:`make_detection_set` pastes real Fashion-MNIST items (cropped to their tight box,
   resized to a random scale, tinted) at random positions onto dark 300x300 canvases with

@@ -8,12 +8,14 @@ This module provides:
   whichever is available;
 * one normalization, :func:`normalize`, used for training and evaluation
   (``(x / 255 - MEAN) / STD``, NCHW float32, shape ``(N, 1, 28, 28)``);
-* three small model families mirroring the classic CNN designs used in
+* small model families mirroring the classic CNN designs used in
   quantization studies -- ``'resnet'`` (ResNet-v1 basic blocks with a
   residual elementwise sum), ``'mobilenet'`` (depthwise-separable
   convolutions) and ``'inception'`` (multi-branch blocks joined by a channel
-  concat) -- with parameters trained by ``examples/fashion_mnist/train.py``
-  shipped as ``gluon_int8/data/fashion_mnist_<name>.params``;
+  concat), and three more (``'preact_resnet'``, ``'shufflenet'``,
+  ``'mobilenetv3'``) -- with parameters trained by
+  ``examples/fashion_mnist/train.py`` shipped as
+  ``gluon_int8_samples/data/fashion_mnist_<name>.params``;
 * :func:`get_model` to build a family and load its shipped parameters, and
   :func:`evaluate` to measure top-1 accuracy of any callable block.
 """
@@ -133,8 +135,12 @@ def bundled_slice():
     return normalize(images), labels
 
 
-def write_bundled_slice(path=SLICE_PATH, root=None, count=SLICE_SIZE):
-    """Write the first ``count`` test images (uint8) and labels to ``path``."""
+def write_bundled_slice(path, root=None, count=SLICE_SIZE):
+    """Write the first ``count`` test images (uint8) and labels to ``path``.
+
+    ``path`` has no default: the shipped slice is :data:`SLICE_PATH`, inside the
+    installed package, which only a script run from the repository should rewrite.
+    """
     images, labels = load_raw_split("test", root)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     np.savez_compressed(path, images=images[:count].astype(np.uint8),

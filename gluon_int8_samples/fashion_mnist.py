@@ -3,9 +3,10 @@
 This module provides:
 
 * data access: :func:`load_split` reads the Debian ``dataset-fashion-mnist``
-  idx files directly with numpy, :func:`bundled_slice` reads a small slice of
-  the test set shipped with the package, and :func:`default_data` picks
-  whichever is available;
+  idx files directly with numpy (from :data:`DEBIAN_ROOT`, or the folder named
+  by the environment variable :data:`ROOT_ENV`, read only), :func:`bundled_slice`
+  reads a small slice of the test set shipped with the package, and
+  :func:`default_data` picks whichever is available;
 * one normalization, :func:`normalize`, used for training and evaluation
   (``(x / 255 - MEAN) / STD``, NCHW float32, shape ``(N, 1, 28, 28)``);
 * small model families mirroring the classic CNN designs used in
@@ -32,6 +33,13 @@ LOGGER = logging.getLogger(__name__)
 
 #: Directory of the Debian ``dataset-fashion-mnist`` package.
 DEBIAN_ROOT = "/usr/share/datasets/fashion-mnist"
+#: Environment variable naming another folder of the four idx ``.gz`` files; it
+#: replaces :data:`DEBIAN_ROOT` wherever no ``root`` is passed (e.g. to run the
+#: tests as on a machine without the dataset: point it at an empty folder).
+ROOT_ENV = "GLUON_INT8_FASHION_MNIST"
+#: What to do where the full dataset is needed and missing.
+INSTALL_HINT = ("apt-get install dataset-fashion-mnist (Debian), or set %s to a "
+                "folder holding the four Fashion-MNIST idx .gz files" % ROOT_ENV)
 #: Directory holding the shipped parameters and the bundled test slice.
 DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 #: Bundled slice: the first :data:`SLICE_SIZE` test images (uint8) + labels.
@@ -76,17 +84,31 @@ def _read_idx(path, expected_magic):
     return data.reshape(dims)
 
 
+def dataset_root(root=None):
+    """The folder of the idx files: ``root``, else ``$GLUON_INT8_FASHION_MNIST``,
+    else :data:`DEBIAN_ROOT`."""
+    if root is not None:
+        return root
+    return os.environ.get(ROOT_ENV) or DEBIAN_ROOT
+
+
 def load_raw_split(split="test", root=None):
     """Return ``(images uint8 (N, 28, 28), labels int32 (N,))`` of a split.
 
     ``split`` is ``'train'`` or ``'test'``; ``root`` defaults to
-    :data:`DEBIAN_ROOT`.  Raises ``FileNotFoundError`` if the files are absent.
+    :func:`dataset_root`.  Raises ``FileNotFoundError`` naming the missing
+    file and what to install if the files are absent.
     """
     if split not in _FILES:
         raise ValueError("split must be one of %s, got %r"
                          % (sorted(_FILES), split))
-    root = DEBIAN_ROOT if root is None else root
+    root = dataset_root(root)
     img_name, lbl_name = _FILES[split]
+    for name in (img_name, lbl_name):
+        if not os.path.isfile(os.path.join(root, name)):
+            raise FileNotFoundError(
+                "Fashion-MNIST %s split: %s not found; %s"
+                % (split, os.path.join(root, name), INSTALL_HINT))
     images = _read_idx(os.path.join(root, img_name), 0x00000803)
     labels = _read_idx(os.path.join(root, lbl_name), 0x00000801)
     if images.shape[0] != labels.shape[0]:
@@ -117,10 +139,17 @@ def normalize(images):
 def load_split(split="test", root=None):
     """Return ``(images float32 (N, 1, 28, 28) normalized, labels int32)``.
 
-    Reads the Debian idx files from ``root`` (default :data:`DEBIAN_ROOT`).
+    Reads the Debian idx files from ``root`` (default :func:`dataset_root`).
     """
     images, labels = load_raw_split(split, root)
     return normalize(images), labels
+
+
+def bundled_raw_slice():
+    """Return ``(images uint8 (1000, 28, 28), labels int32)`` of the shipped slice:
+    the first 1000 Fashion-MNIST test images, as the idx files hold them."""
+    with np.load(SLICE_PATH) as data:
+        return data["images"], data["labels"].astype(np.int32)
 
 
 def bundled_slice():
@@ -129,9 +158,7 @@ def bundled_slice():
     The slice holds the first 1000 Fashion-MNIST test images; images are
     normalized float32 ``(1000, 1, 28, 28)`` and labels int32 in ``0..9``.
     """
-    with np.load(SLICE_PATH) as data:
-        images = data["images"]
-        labels = data["labels"].astype(np.int32)
+    images, labels = bundled_raw_slice()
     return normalize(images), labels
 
 
@@ -150,8 +177,9 @@ def write_bundled_slice(path, root=None, count=SLICE_SIZE):
 
 
 def debian_available(root=None):
-    """Return True if all four Debian Fashion-MNIST files exist in ``root``."""
-    root = DEBIAN_ROOT if root is None else root
+    """Return True if all four Fashion-MNIST files exist in ``root`` (default
+    :func:`dataset_root`)."""
+    root = dataset_root(root)
     return all(os.path.isfile(os.path.join(root, name))
                for pair in _FILES.values() for name in pair)
 
@@ -166,12 +194,12 @@ def default_data(split="test", root=None):
     if debian_available(root):
         images, labels = load_split(split, root)
         LOGGER.info("Fashion-MNIST %s split: %d images from %s", split,
-                    len(labels), DEBIAN_ROOT if root is None else root)
+                    len(labels), dataset_root(root))
         return images, labels, "debian"
     if split != "test":
         raise FileNotFoundError(
             "Fashion-MNIST %s split not found under %s and only a test slice "
-            "is bundled" % (split, DEBIAN_ROOT if root is None else root))
+            "is bundled; %s" % (split, dataset_root(root), INSTALL_HINT))
     images, labels = bundled_slice()
     LOGGER.warning("Debian Fashion-MNIST files not found; using the bundled "
                    "%d-image test slice %s", len(labels), SLICE_PATH)

@@ -137,8 +137,8 @@ def main(argv=None):
     parser.add_argument("--out-dir", default=REPO_DATA_DIR,
                         help="where to save the parameters (default %(default)s)")
     parser.add_argument("--data-root", default=None,
-                        help="directory of the idx .gz files "
-                             "(default %s)" % fm.DEBIAN_ROOT)
+                        help="directory of the idx .gz files (default $%s, else %s)"
+                             % (fm.ROOT_ENV, fm.DEBIAN_ROOT))
     parser.add_argument("--no-slice", action="store_true",
                         help="do not (re)write the bundled test slice")
     args = parser.parse_args(argv)

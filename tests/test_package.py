@@ -17,6 +17,7 @@ NO_OPENCV = '''
 import sys
 sys.modules['cv2'] = None
 import gluon_int8, gluon_int8.cli, gluon_int8.zoo, gluon_int8.data, gluon_int8.bench
+import gluon_int8.datasets, gluon_int8.evaluation, gluon_int8.distributed
 assert 'gluon_int8_samples' not in sys.modules, 'gluon_int8 imported the samples'
 print('ok')
 '''

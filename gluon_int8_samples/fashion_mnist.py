@@ -8,7 +8,10 @@ This module provides:
   reads a small slice of the test set shipped with the package, and
   :func:`default_data` picks whichever is available;
 * one normalization, :func:`normalize`, used for training and evaluation
-  (``(x / 255 - MEAN) / STD``, NCHW float32, shape ``(N, 1, 28, 28)``);
+  (``(x / 255 - MEAN) / STD``, NCHW float32, shape ``(N, 1, 28, 28)``), and the
+  same as :data:`IMAGE_PREPROCESS` for images read from files, which
+  :func:`write_image_files` writes from the bundled slice (an image folder and a
+  RecordIO file, for the command-line flow and the tests);
 * small model families mirroring the classic CNN designs used in
   quantization studies -- ``'resnet'`` (ResNet-v1 basic blocks with a
   residual elementwise sum), ``'mobilenet'`` (depthwise-separable
@@ -28,6 +31,8 @@ import os
 import mxnet as mx
 import numpy as np
 from mxnet.gluon import nn
+
+from gluon_int8.datasets import Preprocess
 
 LOGGER = logging.getLogger(__name__)
 
@@ -51,6 +56,8 @@ MEAN = 0.2860
 STD = 0.3530
 NUM_CLASSES = 10
 INPUT_SHAPE = (1, 28, 28)
+#: :func:`normalize` for image files: 28x28 grayscale as is, the same mean/std.
+IMAGE_PREPROCESS = Preprocess(resize=None, crop=None, mean=(MEAN,), std=(STD,), channels=1)
 
 CLASS_NAMES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
@@ -160,6 +167,42 @@ def bundled_slice():
     """
     images, labels = bundled_raw_slice()
     return normalize(images), labels
+
+
+def write_image_files(root, count=SLICE_SIZE):
+    """Write the first ``count`` images of the bundled slice as image files.
+
+    ``root/folder/class<k>/<i>.png`` (one subfolder per class), ``root/flat/<i>.png``
+    and ``root/slice.rec`` + ``slice.idx`` (PNG records with their labels, written
+    with MXNet's ``recordio``; OpenCV encodes). PNG is lossless: read with
+    :data:`IMAGE_PREPROCESS` they give :func:`bundled_slice` exactly. Returns the
+    paths by name ('folder', 'flat', 'rec').
+    """
+    images, labels = bundled_raw_slice()
+    paths = {"folder": os.path.join(root, "folder"), "flat": os.path.join(root, "flat"),
+             "rec": os.path.join(root, "slice.rec")}
+    os.makedirs(paths["flat"], exist_ok=True)
+    writer = mx.recordio.MXIndexedRecordIO(os.path.join(root, "slice.idx"), paths["rec"], "w")
+    for i, (image, label) in enumerate(zip(images[:count], labels[:count])):
+        png = _png(image)
+        for folder in (os.path.join(paths["folder"], "class%d" % label), paths["flat"]):
+            os.makedirs(folder, exist_ok=True)
+            with open(os.path.join(folder, "%04d.png" % i), "wb") as fobj:
+                fobj.write(png)
+        header = mx.recordio.IRHeader(0, float(label), i, 0)
+        writer.write_idx(i, mx.recordio.pack(header, png))
+    writer.close()
+    LOGGER.info("wrote %d images to %s", min(count, len(labels)), root)
+    return paths
+
+
+def _png(image):
+    import cv2  # pylint: disable=import-outside-toplevel
+    ok, png = cv2.imencode(".png", image)
+    if not ok:
+        raise ValueError("image: OpenCV could not encode a %s %s array as PNG"
+                         % (image.dtype, image.shape))
+    return png.tobytes()
 
 
 def write_bundled_slice(path, root=None, count=SLICE_SIZE):

@@ -5,34 +5,24 @@ array the slice holds."""
 import os
 import shutil
 
-import cv2
 import mxnet as mx
 import numpy as np
 
-from gluon_int8.datasets import Preprocess
 from gluon_int8_samples import fashion_mnist as fm
 
 #: The Fashion-MNIST models' input: 28x28 grayscale, (x / 255 - MEAN) / STD.
-FASHION = Preprocess(resize=None, crop=None, mean=(fm.MEAN,), std=(fm.STD,), channels=1)
+FASHION = fm.IMAGE_PREPROCESS
 
 
 def write_image_sets(root: str, count: int) -> dict:
-    """The first ``count`` slice images as 'folder', 'flat', 'rec' and 'rec_no_idx'."""
-    raw, labels = fm.bundled_raw_slice()
-    raw, labels = raw[:count], labels[:count]
-    paths = {name: os.path.join(root, name) for name in ('folder', 'flat')}
-    paths.update(rec=os.path.join(root, 'slice.rec'),
-                 rec_no_idx=os.path.join(root, 'sequential', 'slice.rec'))
-    os.makedirs(paths['flat'])
-    for i, (image, label) in enumerate(zip(raw, labels)):
-        folder = os.path.join(paths['folder'], 'class%d' % label)
-        os.makedirs(folder, exist_ok=True)
-        cv2.imwrite(os.path.join(folder, '%04d.png' % i), image)
-        cv2.imwrite(os.path.join(paths['flat'], '%04d.png' % i), image)
-    write_rec(paths['rec'], raw, labels)
+    """The first ``count`` slice images as 'folder', 'flat', 'rec' and 'rec_no_idx', with
+    'raw' (uint8) and 'labels' arrays."""
+    paths = fm.write_image_files(root, count)
+    paths['rec_no_idx'] = os.path.join(root, 'sequential', 'slice.rec')
     os.makedirs(os.path.dirname(paths['rec_no_idx']))
     shutil.copy(paths['rec'], paths['rec_no_idx'])
-    return dict(paths, raw=raw, labels=labels)
+    raw, labels = fm.bundled_raw_slice()
+    return dict(paths, raw=raw[:count], labels=labels[:count])
 
 
 def write_rec(path: str, images, labels, bad=()) -> None:

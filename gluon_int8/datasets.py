@@ -215,6 +215,8 @@ class ImageSource:
                             % type(preprocess).__name__)
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError('batch_size: got %r; expected a positive int' % (batch_size,))
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise ValueError('seed: got %r; expected an int >= 0' % (seed,))
         if bad_images not in BAD_IMAGES:
             raise ValueError('bad_images: got %r; expected one of %s'
                              % (bad_images, list(BAD_IMAGES)))

@@ -132,7 +132,7 @@ def test_bad_sources_name_the_parameter(sets, tmp_path):
     os.makedirs(tmp_path / 'empty')
     with pytest.raises(ValueError, match='holds no .jpg/.jpeg/.png images'):
         ImageSource(str(tmp_path / 'empty'))
-    for kwargs, param in ((dict(batch_size=0), 'batch_size'),
+    for kwargs, param in ((dict(batch_size=0), 'batch_size'), (dict(seed=-1), 'seed'),
                           (dict(bad_images='ignore'), 'bad_images')):
         with pytest.raises(ValueError, match='^%s: got' % param):
             ImageSource(sets['rec'], **kwargs)

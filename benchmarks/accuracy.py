@@ -20,7 +20,8 @@ import warnings
 import mxnet as mx
 
 import gluon_int8
-from gluon_int8 import bench, fashion_mnist
+from gluon_int8 import bench
+from gluon_int8_samples import fashion_mnist
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODES = ('naive', 'entropy', 'percentile', 'mse')

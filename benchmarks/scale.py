@@ -38,7 +38,8 @@ def build_model(model: str, images: int, prefix: str):
     """Quantize and export ``model``; return the evaluation images."""
     import mxnet as mx
     import gluon_int8
-    from gluon_int8 import fashion_mnist, zoo
+    from gluon_int8 import zoo
+    from gluon_int8_samples import fashion_mnist
     if model in fashion_mnist.MODELS:
         data, _, source = fashion_mnist.default_data('test')
         data = data[:images]

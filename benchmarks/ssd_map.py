@@ -1,6 +1,6 @@
 """SSD detection mAP, FP32 vs INT8: the shipped Fashion-MNIST SSD, every calibration variant.
 
-Builds the FP32 SSD from gluon_int8/data/ssd_fashion.params (trained by
+Builds the FP32 SSD from gluon_int8_samples/data/ssd_fashion.params (trained by
 examples/ssd/train.py), quantizes it with gluon-int8 (naive and entropy calibration, with
 and without the first convolution kept FP32; box decoding and NMS stay FP32 through the
 SSD preset's quantize_mode='smart') and with MXNet's built-in quantize_net_v2 as a peer,
@@ -21,8 +21,8 @@ import warnings
 import mxnet as mx
 
 import gluon_int8
-from gluon_int8 import detection as det
 from gluon_int8 import zoo
+from gluon_int8_samples import detection as det
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CALIB_BATCHES, CALIB_BATCH_SIZE = 5, 32
@@ -88,7 +88,7 @@ def run(args):
 
 
 def markdown(rows, args) -> str:
-    lines = ['SSD (gluon_int8.detection, 300x300) on the synthetic Fashion-MNIST detection set: '
+    lines = ['SSD (gluon_int8_samples.detection, 300x300) on the synthetic Fashion-MNIST detection set: '
              'VOC mAP@0.5 (%%) on %d test images (seed %d); calibration %d x %d val images; '
              'OMP_NUM_THREADS=%s. Target: INT8 loss <= %.1f points.'
              % (args.num_images, args.seed, CALIB_BATCHES, CALIB_BATCH_SIZE,

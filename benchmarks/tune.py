@@ -34,7 +34,7 @@ from mxnet import autograd, gluon
 from mxnet.gluon import nn
 
 import gluon_int8
-from gluon_int8 import fashion_mnist
+from gluon_int8_samples import fashion_mnist
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VAL_IMAGES = 5000

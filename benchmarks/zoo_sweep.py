@@ -48,7 +48,7 @@ DETECTION = ['ssd_300_vgg16_atrous_voc', 'ssd_512_mobilenet1.0_voc', 'yolo3_mobi
 def real_images(shape, count=32):
     """Fashion-MNIST test images as float32 (count, 3, H, W), normalized like ImageNet input."""
     import mxnet as mx
-    from gluon_int8 import fashion_mnist
+    from gluon_int8_samples import fashion_mnist
     images, _ = fashion_mnist.bundled_slice()
     x = mx.nd.array(images[:count])                       # (N, 1, 28, 28), normalized
     x = mx.nd.contrib.BilinearResize2D(x, height=shape[1], width=shape[2])

@@ -20,7 +20,8 @@ import mxnet as mx
 from tqdm import tqdm
 
 import gluon_int8
-from gluon_int8 import bench, fashion_mnist
+from gluon_int8 import bench
+from gluon_int8_samples import fashion_mnist
 
 CALIB_BATCHES, CALIB_BATCH_SIZE = 5, 32
 

@@ -1,25 +1,37 @@
 """The ``gluon-int8`` command line: a thin layer over the library.
 
-    gluon-int8 quantize --model resnet50_v1 --calib-data random --out model/cq_resnet50
+    gluon-int8 quantize --model resnet50_v1 --calib-data val/ --num-calib-batches 10 \\
+        --batch-size 32 --mode entropy --out model/cq_resnet50
     gluon-int8 quantize --prefix model/resnet50 --calib-data calib.npy --mode naive \\
         --exclude-operators Pooling --out model/cq_resnet50
+    gluon-int8 evaluate --prefix model/cq_resnet50 --data val.rec --metric top1,top5
+    gluon-int8 evaluate --prefix model/cq_resnet50 --benchmark
     gluon-int8 info model/cq_resnet50
     gluon-int8 report model/cq_resnet50 --data calib.npy --json r.json --png r.png
     gluon-int8 bench --model resnet50_v1        (or --prefix model/cq_resnet50)
 
-``--model`` takes a GluonCV model-zoo name (random weights unless ``--pretrained``);
-``--prefix`` an FP32 export (``prefix-symbol.json`` + ``prefix-0000.params``).
-``--calib-data`` is a ``.npy``/``.npz`` file of float32 NCHW batches, or ``random``
-(uniform noise: for speed work only, never for accuracy).
+``--model`` takes a GluonCV model-zoo name, built and quantized through its zoo preset
+(random weights unless ``--pretrained``); ``--prefix`` an FP32 export
+(``prefix-symbol.json`` + ``prefix-0000.params``). ``--calib-data`` and ``--data`` take an
+image folder (one subfolder per class; a flat folder for calibration) or a RecordIO
+``.rec``, read with the preprocessing of ``--preprocess`` and its overrides (default: the
+zoo preset of ``--model``, else ``imagenet``); ``--calib-data`` also takes a
+``.npy``/``.npz`` file of float32 NCHW batches, or ``random`` (uniform noise: for speed
+work only, never for accuracy). ``evaluate`` takes INT8 exports of gluon-int8 and plain
+FP32 exports alike.
 """
 import argparse
+import dataclasses
 import logging
 import os
+import re
 import sys
 
 import numpy as np
 
-from .api import MODES, QUANTIZED_DTYPES
+from .api import MODES, QUANTIZE_MODES, QUANTIZED_DTYPES
+from .datasets import (BAD_IMAGES, CHANNEL_ORDERS, IMAGENET, LAYOUTS, PREPROCESS, ImageSource,
+                       Preprocess)
 from .quantize_graph import GRANULARITIES
 
 
@@ -30,48 +42,129 @@ def _shape(text):
         raise argparse.ArgumentTypeError('expected comma-separated ints, got %r' % text) from err
 
 
+def _floats(text):
+    try:
+        return tuple(float(v) for v in text.split(','))
+    except ValueError as err:
+        raise argparse.ArgumentTypeError('expected comma-separated numbers, got %r'
+                                         % text) from err
+
+
+def _is_images(path):
+    return os.path.isdir(path) or path.endswith('.rec')
+
+
+_PREPROCESS_FIELDS = ('resize', 'crop', 'mean', 'std', 'channels', 'channel_order', 'layout')
+
+
+def _preprocess(args, default: Preprocess) -> Preprocess:
+    """--preprocess (or ``default``) with the overrides given on the command line."""
+    base = PREPROCESS[args.preprocess] if args.preprocess else default
+    changes = {k: getattr(args, k) for k in _PREPROCESS_FIELDS if getattr(args, k) is not None}
+    for key in ('resize', 'crop'):
+        if changes.get(key) == 0:
+            changes[key] = None
+    try:
+        return dataclasses.replace(base, **changes)
+    except ValueError as err:  # 'preprocess.channel_order: ...' -> '--channel-order: ...'
+        flag = lambda m: '--' + m.group(1).replace('_', '-')  # noqa: E731
+        raise ValueError(re.sub(r'^preprocess\.(\w+)', flag, str(err))) from None
+
+
+def _images(args, path, preprocess, shuffle=False):
+    return ImageSource(path, preprocess, args.batch_size, shuffle=shuffle,
+                       seed=getattr(args, 'seed', 0), bad_images=args.bad_images,
+                       param='--calib-data' if shuffle else '--data')
+
+
 def _load_fp32(args):
     import mxnet as mx
-    if args.prefix:
-        return mx.gluon.SymbolBlock.imports(args.prefix + '-symbol.json', ['data'],
-                                            args.prefix + '-0000.params')
-    from gluoncv.model_zoo import get_model
-    net = get_model(args.model, pretrained=args.pretrained)
-    if not args.pretrained:
-        net.initialize(mx.init.Xavier())
-    return net
+    return mx.gluon.SymbolBlock.imports(args.prefix + '-symbol.json', ['data'],
+                                        args.prefix + '-0000.params')
 
 
-def _calib_data(args):
+def _calib_data(args, input_shape, preprocess):
+    """Calibration batches: an image source, or arrays cut into --batch-size batches."""
+    if args.calib_data is None:
+        return None
     if args.calib_data == 'random':
         rng = np.random.RandomState(0)
         total = args.batch_size * args.num_calib_batches
-        return rng.uniform(-1, 1, size=(total,) + args.input_shape).astype(np.float32)
+        data = rng.uniform(-1, 1, size=(total,) + tuple(input_shape)).astype(np.float32)
+        return _batches(data, args.batch_size)
+    if _is_images(args.calib_data):
+        return _images(args, args.calib_data, _preprocess(args, preprocess), shuffle=True)
     if not os.path.isfile(args.calib_data):
         raise SystemExit('--calib-data: no such file %r' % args.calib_data)
     loaded = np.load(args.calib_data)
-    return loaded[loaded.files[0]] if hasattr(loaded, 'files') else loaded
+    return _batches(loaded[loaded.files[0]] if hasattr(loaded, 'files') else loaded,
+                    args.batch_size)
 
 
 def _batches(array, batch_size):
     return [array[i:i + batch_size] for i in range(0, len(array), batch_size)]
 
 
+def _quantize_options(args):
+    """quantize_net's options as given; those left unset keep the preset's or the default."""
+    options = dict(quantized_dtype=args.quantized_dtype, granularity=args.granularity,
+                   quantize_mode=args.quantize_mode, exclude_layers=args.exclude_layers,
+                   exclude_layers_match=args.exclude_layers_match,
+                   exclude_operators=args.exclude_operators,
+                   num_calib_batches=args.num_calib_batches, percentile=args.percentile,
+                   num_bins=args.num_bins, calib_table=args.calib_table,
+                   progress=not args.quiet)
+    return {k: v for k, v in options.items() if v is not None}
+
+
 def cmd_quantize(args):
     import gluon_int8
-    net = _load_fp32(args)
-    calib = _batches(_calib_data(args), args.batch_size) if args.calib_data else None
-    qnet = gluon_int8.quantize_net(
-        net, calib, mode=args.mode, quantized_dtype=args.quantized_dtype,
-        granularity=args.granularity, exclude_layers=args.exclude_layers,
-        exclude_layers_match=args.exclude_layers_match,
-        exclude_operators=args.exclude_operators, num_calib_batches=args.num_calib_batches,
-        calib_table=args.calib_table, progress=not args.quiet)
+    options = _quantize_options(args)
+    if args.model:  # through the zoo preset: its input shape, preprocessing and options
+        from . import zoo
+        family = zoo.preset(args.model)
+        calib = _calib_data(args, args.input_shape or family.input_shape, family.preprocess)
+        qnet = zoo.get_model(args.model, quantized=True, calib_data=calib, mode=args.mode,
+                             pretrained=args.pretrained, quantize_kwargs=options)
+    else:
+        calib = _calib_data(args, args.input_shape or IMAGENET.input_shape, IMAGENET)
+        qnet = gluon_int8.quantize_net(_load_fp32(args), calib, mode=args.mode, **options)
     print(qnet.layer_table())
     out_dir = os.path.dirname(os.path.abspath(args.out))
     os.makedirs(out_dir, exist_ok=True)
     for path in qnet.export(args.out, fp32_reference=args.with_fp32_reference):
         print('wrote %s (%.1f KB)' % (path, os.path.getsize(path) / 1024.0))
+
+
+def cmd_evaluate(args):
+    from . import bench
+    from .evaluation import evaluate, load_model
+    if not args.data and not args.benchmark:
+        raise ValueError('--data: not given; pass an image folder or a .rec for accuracy, '
+                         'and/or --benchmark for speed on synthetic data')
+    block = load_model(args.prefix)
+    preprocess = _preprocess(args, IMAGENET)
+    if args.data:
+        source = _images(args, args.data, preprocess)
+        result = evaluate(block, source, args.metric, num_batches=args.num_batches,
+                          progress=not args.quiet)
+        print('%s on %s: %s (%d images%s)' % (
+            args.prefix, args.data,
+            '  '.join('%s %.2f%%' % (k, 100 * v) for k, v in result.accuracy.items()),
+            result.num_images, ', %d unreadable skipped' % len(result.skipped)
+            if result.skipped else ''))
+    if args.benchmark:
+        shape = args.input_shape or preprocess.input_shape
+        if shape is None:
+            raise ValueError('--input-shape: needed for --benchmark when the preprocessing '
+                             'gives no fixed image size (no --crop, shorter-side resize)')
+        timing = bench.measure({'model': block}, shape, args.batch_size, args.runs,
+                               args.latency_runs)
+        print('%s benchmark on synthetic %s input: latency %.2f ms (batch 1), throughput '
+              '%.1f img/s (batch %d), %s' % (
+                  args.prefix, 'x'.join(map(str, shape)), timing['latency_ms']['model'],
+                  timing['throughput']['model'], args.batch_size,
+                  ' '.join('%s=%s' % kv for kv in bench.environment().items())))
 
 
 def cmd_info(args):
@@ -115,11 +208,15 @@ def cmd_bench(args):
 def cmd_report(args):
     import gluon_int8
     qnet = gluon_int8.load(args.prefix)
-    if not os.path.isfile(args.data):
+    if _is_images(args.data):
+        batches = _images(args, args.data, _preprocess(args, IMAGENET))
+    elif not os.path.isfile(args.data):
         raise ValueError('--data: no such file %r' % args.data)
-    loaded = np.load(args.data)
-    data = loaded[loaded.files[0]] if hasattr(loaded, 'files') else loaded
-    report = qnet.report(_batches(data, args.batch_size), num_batches=args.num_batches)
+    else:
+        loaded = np.load(args.data)
+        data = loaded[loaded.files[0]] if hasattr(loaded, 'files') else loaded
+        batches = _batches(data, args.batch_size)
+    report = qnet.report(batches, num_batches=args.num_batches)
     print(report.table())
     if args.json:
         report.to_json(args.json)
@@ -127,6 +224,24 @@ def cmd_report(args):
     if args.png:
         report.save_png(args.png, title='%s: INT8 vs FP32 per layer' % args.prefix)
         print('wrote %s' % args.png)
+
+
+def _add_image_args(parser):
+    """Options for images read from a folder or a .rec."""
+    group = parser.add_argument_group(
+        'images from a folder or a .rec', 'preprocessing: --preprocess, then the overrides')
+    group.add_argument('--preprocess', choices=sorted(PREPROCESS),
+                       help='named preprocessing (default: the zoo preset of --model, else '
+                            'imagenet: shorter side 256, center crop 224, ImageNet mean/std)')
+    group.add_argument('--resize', type=int, help='shorter side in pixels (0: no resize)')
+    group.add_argument('--crop', type=int, help='center crop side in pixels (0: no crop)')
+    group.add_argument('--mean', type=_floats, help='per-channel mean of pixels in [0, 1]')
+    group.add_argument('--std', type=_floats, help='per-channel std of pixels in [0, 1]')
+    group.add_argument('--channels', type=int, choices=(1, 3), help='1: grayscale')
+    group.add_argument('--channel-order', choices=CHANNEL_ORDERS)
+    group.add_argument('--layout', choices=LAYOUTS)
+    group.add_argument('--bad-images', choices=BAD_IMAGES, default='skip',
+                       help='unreadable images: report and skip them, or stop (default skip)')
 
 
 def build_parser():
@@ -137,12 +252,19 @@ def build_parser():
     src.add_argument('--model', help='GluonCV model-zoo name')
     src.add_argument('--prefix', help='FP32 export prefix (prefix-symbol.json, prefix-0000.params)')
     q.add_argument('--pretrained', action='store_true', help='load zoo weights (needs internet)')
-    q.add_argument('--calib-data', help=".npy/.npz file of float32 batches, or 'random'")
-    q.add_argument('--input-shape', type=_shape, default=(3, 224, 224),
-                   help='per-example shape for --calib-data random (default 3,224,224)')
+    q.add_argument('--calib-data', help="image folder, .rec, .npy/.npz file of float32 "
+                                        "batches, or 'random'")
+    q.add_argument('--input-shape', type=_shape, default=None,
+                   help='per-example shape for --calib-data random (default: the zoo '
+                        'preset, else 3,224,224)')
     q.add_argument('--batch-size', type=int, default=32)
     q.add_argument('--num-calib-batches', type=int, default=5)
+    q.add_argument('--seed', type=int, default=0, help='shuffling of calibration images')
     q.add_argument('--mode', default='entropy', choices=MODES)
+    q.add_argument('--quantize-mode', choices=QUANTIZE_MODES,
+                   help='full or smart (default: the zoo preset, else full)')
+    q.add_argument('--percentile', type=float, help="for --mode percentile (default 99.99)")
+    q.add_argument('--num-bins', type=int, help='histogram bins (default 1024)')
     q.add_argument('--quantized-dtype', default='auto', choices=QUANTIZED_DTYPES)
     q.add_argument('--granularity', default='tensor', choices=list(GRANULARITIES))
     q.add_argument('--exclude-layers', nargs='*', default=None)
@@ -153,7 +275,26 @@ def build_parser():
     q.add_argument('--quiet', action='store_true', help='no progress bar')
     q.add_argument('--with-fp32-reference', action='store_true',
                    help="also export the FP32 values 'gluon-int8 report' compares against")
+    _add_image_args(q)
     q.set_defaults(func=cmd_quantize)
+    e = sub.add_parser('evaluate', help='top-k accuracy of an export (INT8 or FP32) on an '
+                                        'image folder or .rec, and/or its speed')
+    e.add_argument('--prefix', required=True,
+                   help='export prefix: a gluon-int8 INT8 export or a plain FP32 one')
+    e.add_argument('--data', help='image folder (one subfolder per class) or .rec')
+    e.add_argument('--metric', default='top1', help='comma-separated: top1,top5,... '
+                                                    '(default top1)')
+    e.add_argument('--batch-size', type=int, default=32)
+    e.add_argument('--num-batches', type=int, default=None, help='stop after this many')
+    e.add_argument('--benchmark', action='store_true',
+                   help='latency (batch 1) and throughput (--batch-size) on synthetic data')
+    e.add_argument('--input-shape', type=_shape, default=None,
+                   help='per-example shape for --benchmark (default: from the preprocessing)')
+    e.add_argument('--runs', type=int, default=10)
+    e.add_argument('--latency-runs', type=int, default=50)
+    e.add_argument('--quiet', action='store_true', help='no progress bar')
+    _add_image_args(e)
+    e.set_defaults(func=cmd_evaluate)
     b = sub.add_parser('bench', help='latency and throughput of FP32 base, fused and INT8')
     src = b.add_mutually_exclusive_group(required=True)
     src.add_argument('--model', help='GluonCV model-zoo name (random weights; all variants)')
@@ -168,11 +309,13 @@ def build_parser():
                                       'against its FP32 graph on data (export it with '
                                       '--with-fp32-reference)')
     r.add_argument('prefix')
-    r.add_argument('--data', required=True, help='.npy/.npz file of float32 input batches')
+    r.add_argument('--data', required=True,
+                   help='.npy/.npz file of float32 input batches, image folder or .rec')
     r.add_argument('--batch-size', type=int, default=32)
     r.add_argument('--num-batches', type=int, default=None)
     r.add_argument('--json', help='also write the report as JSON here')
     r.add_argument('--png', help='also write a bar chart of the SQNR per layer here')
+    _add_image_args(r)
     r.set_defaults(func=cmd_report)
     i = sub.add_parser('info', help='show the layers and ranges of an INT8 export')
     i.add_argument('prefix')

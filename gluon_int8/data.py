@@ -1,17 +1,23 @@
 """Calibration data: every accepted form of ``calib_data`` -> a stream of input batches.
 
 Accepted: a gluon ``DataLoader`` of ``(data, label)`` tuples, any iterable of NDArray or
-numpy batches (or tuples of them), an ``mx.io.DataIter``, or a single array (split into
-batches of ``DEFAULT_BATCH_SIZE``). Each batch becomes a tuple of exactly
+numpy batches (or tuples of them), an ``mx.io.DataIter``, a single array (split into
+batches of ``DEFAULT_BATCH_SIZE``), or the path of an image folder or a RecordIO ``.rec``
+(read by :class:`gluon_int8.datasets.ImageSource` with the ImageNet preprocessing, in
+batches of ``DEFAULT_BATCH_SIZE``, shuffled with seed 0; pass an ``ImageSource`` for
+other settings). Each batch becomes a tuple of exactly
 ``num_inputs`` float32 NDArrays: the network's inputs come first in a tuple, what
 follows (labels) is dropped. ``num_inputs`` comes from the traced network, never from
 trying calls.
 """
 import logging
+import os
 from typing import Iterator, Optional, Tuple
 
 import mxnet as mx
 import numpy as np
+
+from .datasets import ImageSource
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +58,9 @@ def _raw_batches(calib_data, param: str) -> Iterator:
             if batch.pad:
                 data = [d[:d.shape[0] - batch.pad] for d in data]
             yield data
+    elif isinstance(calib_data, (str, os.PathLike)):
+        yield from ImageSource(calib_data, batch_size=DEFAULT_BATCH_SIZE, shuffle=True,
+                               seed=0, param=param)
     else:
         try:
             iterator = iter(calib_data)

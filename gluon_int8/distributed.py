@@ -19,7 +19,9 @@ fixed pool of actors::
   order, and a lost or duplicated row raises instead of passing silently. A killed
   actor is restarted by Ray and its batch retried (Ray Data's default for actor pools).
 * A Ray Dataset is also accepted as input (its columns named by the model's input
-  names); its order is kept with Ray Data's ``preserve_order``.
+  names); its order is kept with Ray Data's ``preserve_order``. :func:`evaluate` also
+  takes an image folder or a ``.rec`` (a path or a
+  :class:`gluon_int8.datasets.ImageSource`), read into memory in this process first.
 * With no ``address`` a local Ray sized to the machine is started when none is running;
   ``address='auto'`` or ``'ray://host:10001'`` joins an existing cluster.
 
@@ -361,13 +363,33 @@ def _with_row_numbers(ray, data):
     return _materialized(data.zip(numbers))
 
 
-def evaluate(model, data, labels, metric: Union[str, Callable] = 'accuracy',
+def _read_images(source, labels):
+    """A labelled image folder or .rec (an ImageSource) as numpy arrays."""
+    if labels is not None:
+        raise ValueError('labels: got a %s; an image folder or a .rec carries its own '
+                         'labels (pass labels=None)' % type(labels).__name__)
+    if not source.has_labels:
+        raise ValueError('data: %r is a flat folder of images, which has no labels; '
+                         'evaluation needs one subfolder per class (or a .rec)' % source.path)
+    batches = list(source)
+    if not batches:
+        raise ValueError('data: no readable image in %r' % source.path)
+    log.info('read %d images of %s into memory', sum(len(b[1]) for b in batches), source)
+    return (np.concatenate([b[0].asnumpy() for b in batches]),
+            np.concatenate([b[1].asnumpy() for b in batches]))
+
+
+def evaluate(model, data, labels=None, metric: Union[str, Callable] = 'accuracy',
              batch_size: int = 64, **options) -> float:
     """The metric of an exported model on ``data``, computed on Ray.
 
-    ``labels``: a numpy array (numpy ``data``) or the name of a label column (Ray Dataset
-    ``data``). ``metric``: ``'accuracy'`` (top-1) or ``'top5'``, reduced to class
-    predictions inside the actors; an ``mx.metric.EvalMetric``; or a callable
+    ``data``: numpy arrays, a Ray Dataset, or an image folder / ``.rec`` (a path, read
+    with the ImageNet preprocessing, or an ``ImageSource``; the whole set is read into
+    memory here first, so for large sets pass a Ray Dataset). ``labels``: a numpy array
+    (numpy ``data``), the name of a label column (Ray Dataset ``data``), or None (a
+    folder or ``.rec`` carries its labels). ``metric``: ``'accuracy'`` (top-1) or
+    ``'top5'``, reduced to class predictions inside the actors; an
+    ``mx.metric.EvalMetric``; or a callable
     ``metric(labels, outputs) -> float`` given the labels and the model outputs (one
     array, or a list for several outputs) in input order. ``options``: those of
     :func:`batch_predict`.
@@ -379,6 +401,10 @@ def evaluate(model, data, labels, metric: Union[str, Callable] = 'accuracy',
     if head is not None and head not in _METRICS:
         raise ValueError('metric: got %r; expected one of %s, an mx.metric.EvalMetric or a '
                          'callable metric(labels, outputs)' % (metric, list(_METRICS)))
+    from .datasets import ImageSource  # pylint: disable=import-outside-toplevel
+    if isinstance(data, (str, os.PathLike, ImageSource)):
+        data, labels = _read_images(ImageSource(data, batch_size=batch_size)
+                                    if not isinstance(data, ImageSource) else data, labels)
     ray = _ray()
     if isinstance(data, ray.data.Dataset):
         if not isinstance(labels, str) or labels not in data.schema().names:

@@ -1,8 +1,9 @@
 """GluonCV model zoo in one line: ``gluon_int8.zoo.get_model(name, quantized=True, ...)``.
 
 Wraps ``gluoncv.model_zoo.get_model`` and applies a per-family preset: the input shape,
-the quantization options the family needs (with the reason for each), and whether its
-first convolution stays FP32. Presets are matched by name prefix, longest first.
+the preprocessing of images read from disk, the quantization options the family needs
+(with the reason for each), and whether its first convolution stays FP32. Presets are
+matched by name prefix, longest first.
 
 Pretrained weights are used only when their file is already in the local store (gluoncv's
 ``~/.mxnet/models``); otherwise the call says so at once instead of hanging on download
@@ -15,6 +16,9 @@ from typing import Optional, Tuple
 
 import mxnet as mx
 
+from .data import DEFAULT_BATCH_SIZE
+from .datasets import IMAGENET, PREPROCESS, ImageSource, Preprocess
+
 log = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True)
@@ -25,6 +29,7 @@ class Preset:
     first_conv_fp32: bool = False
     why: str = 'defaults: every op with an INT8 kernel runs INT8'
     batch_size: Optional[int] = None  # the only batch size the network takes, if fixed
+    preprocess: Preprocess = IMAGENET  # images from a folder or .rec -> input_shape
 
 
 # MXNet 1.9.1's INT8 FullyConnected (SgMKLDNNFCOp::Forward) stops on its *second* batch-1
@@ -52,19 +57,26 @@ PRESETS = {
                                    "stays FP32 by quantize_graph: the INT8 add 1 + sigmoid(mask) "
                                    "emits uint8 and MXNet 1.9.1's INT8 elemwise_mul reads int8 "
                                    'inputs only'),
-    'inceptionv3': Preset((3, 299, 299), why='299x299 input'),
+    'inceptionv3': Preset((3, 299, 299), why='299x299 input',
+                          preprocess=PREPROCESS['inception']),
     'ssd_300': Preset((3, 300, 300), (('quantize_mode', 'smart'),), False,
                       "box decoding and NMS stay FP32: quantize_mode='smart' keeps the "
-                      'concat that joins decoded boxes, scores and ids out of INT8'),
+                      'concat that joins decoded boxes, scores and ids out of INT8',
+                      preprocess=PREPROCESS['ssd_300']),
     'ssd_512': Preset((3, 512, 512), (('quantize_mode', 'smart'),), False,
-                      "box decoding and NMS stay FP32 (quantize_mode='smart')"),
+                      "box decoding and NMS stay FP32 (quantize_mode='smart')",
+                      preprocess=PREPROCESS['ssd_512']),
     'yolo3': Preset((3, 416, 416), (('quantize_mode', 'smart'),), False,
-                    "box decoding and NMS stay FP32 (quantize_mode='smart')"),
+                    "box decoding and NMS stay FP32 (quantize_mode='smart')",
+                    preprocess=PREPROCESS['yolo3_416']),
     'faster_rcnn': Preset((3, 600, 600), (('quantize_mode', 'smart'),), False,
                           "proposal, ROI pooling and NMS stay FP32 (quantize_mode='smart'); "
                           "batch size 1: gluoncv's FasterRCNN.hybrid_forward fixes "
                           'batch_size = 1 outside training (a batch of 2 stops in FP32 too, at '
-                          "a concat expecting [300, -1] ROIs)", batch_size=1),
+                          "a concat expecting [300, -1] ROIs)", batch_size=1,
+                          # 600x600 (the preset's shape), where gluoncv's own evaluation
+                          # keeps the aspect ratio (shorter side 600, longer <= 1000)
+                          preprocess=PREPROCESS['faster_rcnn_600']),
 }
 
 
@@ -151,6 +163,8 @@ def get_model(name: str, quantized: bool = True, calib_data=None, mode: str = 'e
     ``pretrained=False`` gives random (Xavier) weights: right for speed work, never for
     accuracy; ``bn_batch`` then sets the BatchNorm statistics from that batch (see
     :func:`set_batchnorm_statistics`). ``quantize_kwargs`` override the preset's options.
+    ``calib_data`` may be the path of an image folder or a ``.rec``: it is read with the
+    preset's preprocessing, shuffled with seed 0 (an ``ImageSource`` for other settings).
     """
     from gluoncv.model_zoo import get_model as gluoncv_get_model
     from .api import quantize_net
@@ -172,6 +186,10 @@ def get_model(name: str, quantized: bool = True, calib_data=None, mode: str = 'e
     if exclude_first_conv if exclude_first_conv is not None else family.first_conv_fp32:
         options['exclude_layers'] = list(options.get('exclude_layers', ())) + [first_conv(net, family)]
     log.info('%s: preset %s', name, family.why)
+    if isinstance(calib_data, (str, os.PathLike)):
+        calib_data = ImageSource(calib_data, family.preprocess,
+                                 family.batch_size or DEFAULT_BATCH_SIZE, shuffle=True, seed=0,
+                                 param='calib_data')
     if family.batch_size is not None and calib_data is not None:
         calib_data = _fixed_batch_size(calib_data, net, family)
     return quantize_net(net, calib_data, mode=mode, **options)

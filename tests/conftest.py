@@ -12,9 +12,16 @@ import gluon_int8
 from gluon_int8.fuse import fuse
 from gluon_int8.quantize_graph import graph_nodes
 from gluon_int8.trace import trace
+from gluon_int8_samples import fashion_mnist as fm
 
 warnings.filterwarnings('ignore', category=UserWarning, module='mxnet')
 warnings.filterwarnings('ignore', category=DeprecationWarning)
+
+#: Marks a full-dataset test: it runs where the whole Fashion-MNIST dataset is installed
+#: (.ci/run installs it) and says what to install where it is not.
+requires_fashion_mnist = pytest.mark.skipif(
+    not fm.debian_available(), reason='needs the full Fashion-MNIST dataset under %s: %s'
+    % (fm.dataset_root(), fm.INSTALL_HINT))
 
 
 class ConvBNAct(nn.HybridBlock):

@@ -1,10 +1,19 @@
-"""The gluon-int8 command line over the library, on a tiny exported FP32 model."""
+"""The gluon-int8 command line over the library, on a tiny exported FP32 model, and the
+reference article's quantize/evaluate flow on an image folder and a .rec."""
+import re
+
 import mxnet as mx
 import numpy as np
+import pytest
 
 import gluon_int8
+from gluon_int8 import zoo
 from gluon_int8.cli import main
+from gluon_int8.datasets import PREPROCESS, ImageSource
+from gluon_int8.evaluation import evaluate, load_model
+from gluon_int8_samples import fashion_mnist as fm
 from conftest import PoolBlock, make_net
+from image_sets import write_image_sets
 
 
 def test_quantize_then_info(tmp_path, capsys):
@@ -39,3 +48,112 @@ def test_bench_on_an_int8_export(tmp_path, capsys):
                  '--runs', '2', '--latency-runs', '2']) == 0
     out = capsys.readouterr().out
     assert '| int8 |' in out and 'img/s (batch 4)' in out
+
+
+# -- the reference article's classification flow on images the tests write ------------
+
+FASHION_FLAGS = ['--resize', '0', '--crop', '0', '--channels', '1', '--mean', str(fm.MEAN),
+                 '--std', str(fm.STD)]
+
+
+@pytest.fixture(scope='module')
+def image_sets(tmp_path_factory):
+    return write_image_sets(str(tmp_path_factory.mktemp('images')), 96)
+
+
+@pytest.fixture(scope='module')
+def fp32_prefix(tmp_path_factory):
+    net = fm.get_model('resnet')
+    net.hybridize()
+    net(mx.nd.zeros((1,) + fm.INPUT_SHAPE))
+    prefix = str(tmp_path_factory.mktemp('fp32') / 'fashion_resnet')
+    net.export(prefix)
+    return prefix
+
+
+def printed_accuracy(out):
+    """{'top1': '93.75%', ...} from the evaluate command's line."""
+    return dict(re.findall(r'(top\d+) (\d+\.\d\d%)', out))
+
+
+def test_quantize_from_a_folder_evaluate_from_a_rec_equals_the_array_path(
+        image_sets, fp32_prefix, tmp_path, capsys):
+    out = str(tmp_path / 'cq_resnet')
+    assert main(['quantize', '--prefix', fp32_prefix, '--calib-data', image_sets['folder'],
+                 '--num-calib-batches', '2', '--batch-size', '32', '--mode', 'entropy',
+                 '--out', out, '--quiet', '--with-fp32-reference'] + FASHION_FLAGS) == 0
+    assert main(['report', out, '--data', image_sets['rec'], '--num-batches', '1']
+                + FASHION_FLAGS) == 0  # the per-layer report reads a .rec too
+    assert 'SQNR' in capsys.readouterr().out
+    images, labels = fm.normalize(image_sets['raw']), image_sets['labels']
+    for prefix in (fp32_prefix, out):  # FP32 and INT8 the same way
+        expected = evaluate(load_model(prefix), (images, labels), 'top1,top5').accuracy
+        for data in (image_sets['rec'], image_sets['folder']):
+            assert main(['evaluate', '--prefix', prefix, '--data', data, '--metric',
+                         'top1,top5', '--quiet'] + FASHION_FLAGS) == 0
+            line = capsys.readouterr().out
+            assert '(96 images)' in line
+            assert printed_accuracy(line) == {k: '%.2f%%' % (100 * v)
+                                              for k, v in expected.items()}, (prefix, data)
+    assert gluon_int8.load(out).calib_table.mode == 'entropy'
+
+
+def test_evaluate_benchmark_and_its_errors(image_sets, fp32_prefix, capsys):
+    assert main(['evaluate', '--prefix', fp32_prefix, '--benchmark', '--input-shape', '1,28,28',
+                 '--batch-size', '4', '--runs', '2', '--latency-runs', '2']) == 0
+    out = capsys.readouterr().out
+    assert re.search(r'latency \d+\.\d\d ms \(batch 1\), throughput \d+\.\d img/s \(batch 4\)',
+                     out)
+    for args, message in (
+            (['--benchmark'] + FASHION_FLAGS, '--input-shape: needed for --benchmark'),
+            (['--data', image_sets['flat']] + FASHION_FLAGS, 'flat folder'),
+            (['--data', image_sets['rec'], '--channels', '1'], '--mean: got'),
+            (['--data', image_sets['rec'], '--metric', 'top1,acc'] + FASHION_FLAGS,
+             "metric: got 'acc'"),
+            ([], '--data: not given')):
+        assert main(['evaluate', '--prefix', fp32_prefix] + args) == 2, args
+        assert message in capsys.readouterr().err
+
+
+def test_quantize_model_goes_through_the_zoo_preset(image_sets, tmp_path, monkeypatch):
+    calls = []
+
+    def fake_get_model(name, **kwargs):
+        calls.append((name, kwargs))
+        net, inputs = make_net(PoolBlock, (2, 3, 16, 16))
+        return gluon_int8.quantize_net(net, inputs[0], mode='naive')
+
+    monkeypatch.setattr(zoo, 'get_model', fake_get_model)
+    base = ['quantize', '--model', 'ssd_300_vgg16_atrous_voc', '--calib-data',
+            image_sets['folder'], '--batch-size', '8', '--out', str(tmp_path / 'cq'), '--quiet']
+    assert main(base) == 0
+    assert main(base + ['--quantize-mode', 'full', '--mode', 'percentile', '--percentile',
+                        '99.9', '--num-bins', '2048', '--seed', '3']) == 0
+    (name, preset), (_, given) = calls
+    assert name == 'ssd_300_vgg16_atrous_voc'
+    source = preset['calib_data']
+    assert isinstance(source, ImageSource) and source.shuffle and source.seed == 0
+    assert source.preprocess == PREPROCESS['ssd_300'] and source.batch_size == 8
+    assert 'quantize_mode' not in preset['quantize_kwargs']  # the preset's 'smart' holds
+    assert given['mode'] == 'percentile' and given['calib_data'].seed == 3
+    assert {k: given['quantize_kwargs'][k] for k in ('quantize_mode', 'percentile', 'num_bins')} \
+        == {'quantize_mode': 'full', 'percentile': 99.9, 'num_bins': 2048}
+
+
+@pytest.mark.slow
+def test_the_article_commands_on_a_zoo_model(image_sets, tmp_path, capsys):
+    """The reference flow verbatim on a small zoo model (random weights): 224x224 ImageNet
+    preprocessing of the 28x28 grayscale PNGs, preset options, progress bars."""
+    out = str(tmp_path / 'cq_mobilenet')
+    assert main(['quantize', '--model', 'mobilenet0.25', '--calib-data', image_sets['folder'],
+                 '--num-calib-batches', '2', '--batch-size', '16', '--mode', 'entropy',
+                 '--out', out]) == 0
+    qnet = gluon_int8.load(out)
+    assert len(qnet.int8_layers) > 20 and qnet.calib_table.mode == 'entropy'
+    lines = []
+    for data in (image_sets['rec'], image_sets['folder']):
+        capsys.readouterr()
+        assert main(['evaluate', '--prefix', out, '--data', data, '--metric', 'top1,top5']) == 0
+        lines.append(capsys.readouterr())
+    assert '(96 images)' in lines[0].out and 'evaluate' in lines[0].err  # the progress bar
+    assert printed_accuracy(lines[0].out) == printed_accuracy(lines[1].out)

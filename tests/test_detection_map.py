@@ -1,9 +1,15 @@
 """Detection: VOC mAP on hand-made boxes with hand-computed answers (and against GluonCV's
-metric), the synthetic detection set, and the shipped SSD through INT8."""
+metric), the synthetic detection set, and the shipped SSD through INT8. Objects come
+from the bundled Fashion-MNIST slice, so no dataset needs to be installed; the
+determinism test also runs on the full dataset's splits where it is installed."""
 import numpy as np
 import pytest
 
-from gluon_int8 import detection as det
+from gluon_int8_samples import detection as det
+from gluon_int8_samples import fashion_mnist as fm
+from conftest import requires_fashion_mnist
+
+SLICE = fm.bundled_raw_slice()
 
 A = [0, 0, 10, 10]
 B = [20, 20, 40, 40]
@@ -126,6 +132,9 @@ def test_matches_gluoncv_metric_on_random_boxes(use_07):
     (lambda: det.make_detection_set('holdout', 2), 'split'),
     (lambda: det.make_detection_set('test', 0), 'num_images'),
     (lambda: det.make_detection_set('test', 2, scale_range=(2, 50)), 'scale_range'),
+    (lambda: det.make_detection_set('test', 2, items=SLICE[0]), 'items'),
+    (lambda: det.make_detection_set('test', 2, items=(SLICE[0].astype(float), SLICE[1])),
+     'items'),
     (lambda: det.to_input(np.zeros((2, 300, 300), np.uint8)), 'images'),
     (lambda: det.evaluate_map(None, np.zeros((2, 300, 300, 3), np.uint8), []), 'labels'),
 ])
@@ -134,14 +143,19 @@ def test_bad_input_names_the_parameter(call, param):
         call()
 
 
-def test_detection_set_is_deterministic_and_well_formed():
-    images, labels = det.make_detection_set('test', 6, seed=3)
-    again, again_labels = det.make_detection_set('test', 3, seed=3, start=3)
+@pytest.mark.parametrize('items', [
+    pytest.param(SLICE, id='bundled-slice'),
+    pytest.param(None, id='full-dataset', marks=requires_fashion_mnist)])
+def test_detection_set_is_deterministic_and_well_formed(items):
+    images, labels = det.make_detection_set('test', 6, seed=3, items=items)
+    again, again_labels = det.make_detection_set('test', 3, seed=3, start=3, items=items)
     np.testing.assert_array_equal(images[3:], again)  # image i depends on (seed, split, i)
     for a, b in zip(labels[3:], again_labels):
         np.testing.assert_array_equal(a, b)
-    other, _ = det.make_detection_set('test', 3, seed=4, start=3)
+    other, _ = det.make_detection_set('test', 3, seed=4, start=3, items=items)
     assert not np.array_equal(other, again)
+    val, _ = det.make_detection_set('val', 3, seed=3, start=3, items=items)
+    assert not np.array_equal(val, again)  # the split seeds the generator
     assert images.shape == (6, 300, 300, 3) and images.dtype == np.uint8
     for image, lab in zip(images, labels):
         assert lab.shape[1] == 5 and 1 <= len(lab) <= 4
@@ -160,8 +174,9 @@ def test_detection_set_is_deterministic_and_well_formed():
 def ssd_and_data():
     net = det.get_ssd_model()
     net.hybridize(static_alloc=True, static_shape=True)
-    images, labels = det.make_detection_set('test', 50)
-    calib, _ = det.make_detection_set('val', 16)
+    # disjoint halves of the bundled slice: calibration objects, test objects
+    images, labels = det.make_detection_set('test', 50, items=(SLICE[0][500:], SLICE[1][500:]))
+    calib, _ = det.make_detection_set('val', 16, items=(SLICE[0][:500], SLICE[1][:500]))
     return net, images, labels, calib
 
 
@@ -175,5 +190,6 @@ def test_shipped_ssd_quantizes_with_fp32_nms_and_keeps_its_map(ssd_and_data):
     assert convs and all(r.dtype == 'int8' for r in convs)
     assert all(r.dtype == 'fp32' for r in qnet.layers if r.op == '_contrib_box_nms')
     fp32, int8 = det.evaluate_map(net, images, labels), det.evaluate_map(qnet, images, labels)
-    assert fp32 > 0.6  # the shipped model was trained
+    # measured: FP32 0.9031, INT8 0.9003 (124 objects on these 50 images)
+    assert fp32 > 0.8  # the shipped model was trained
     assert abs(fp32 - int8) < 0.02

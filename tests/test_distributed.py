@@ -12,7 +12,10 @@ import pytest
 import ray
 
 import gluon_int8
-from gluon_int8 import distributed, fashion_mnist
+from gluon_int8 import distributed
+from gluon_int8.datasets import ImageSource
+from gluon_int8_samples import fashion_mnist
+from image_sets import FASHION, write_image_sets
 
 BATCH = 32
 
@@ -131,3 +134,14 @@ def test_more_actors_than_cpus_is_refused(local_ray, exported):
     with pytest.raises(ValueError, match='num_actors: got %d actors x 1 threads_per_actor, '
                                          'more than the %d CPUs' % (cpus + 1, cpus)):
         distributed.batch_predict(exported[0], exported[2][:10], num_actors=cpus + 1)
+
+
+def test_evaluate_reads_a_rec(local_ray, exported, tmp_path):
+    """An image folder or .rec (here a .rec the test writes) gives the array path's number."""
+    prefix, qnet, _, _, _ = exported
+    sets = write_image_sets(str(tmp_path), 100)
+    single = fashion_mnist.evaluate(qnet, fashion_mnist.normalize(sets['raw']), sets['labels'])
+    source = ImageSource(sets['rec'], FASHION, BATCH)
+    assert distributed.evaluate(prefix, source, batch_size=BATCH) == single
+    with pytest.raises(ValueError, match='^labels: got a ndarray'):
+        distributed.evaluate(prefix, source, sets['labels'], batch_size=BATCH)

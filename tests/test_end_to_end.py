@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import gluon_int8
-from gluon_int8 import fashion_mnist
+from gluon_int8_samples import fashion_mnist
 
 CALIB = 160  # 5 batches of 32, the reference default
 

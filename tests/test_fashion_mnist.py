@@ -6,7 +6,8 @@ import mxnet as mx
 import numpy as np
 import pytest
 
-from gluon_int8 import fashion_mnist as fm
+from gluon_int8_samples import fashion_mnist as fm
+from conftest import requires_fashion_mnist
 
 # Accuracy of the shipped parameters on the bundled 1000-image slice, as
 # measured after training (see examples/fashion_mnist/README.md):
@@ -39,13 +40,36 @@ def test_bundled_slice_shape(slice_data):
     assert 0.8 < float(images.std()) < 1.2
 
 
-@pytest.mark.skipif(not fm.debian_available(),
-                    reason="Debian dataset-fashion-mnist not installed")
+@requires_fashion_mnist
 def test_bundled_slice_matches_debian_test_split(slice_data):
     images, labels = fm.load_split("test")
     assert images.shape == (10000, 1, 28, 28)
     np.testing.assert_array_equal(images[:1000], slice_data[0])
     np.testing.assert_array_equal(labels[:1000], slice_data[1])
+
+
+def test_dataset_root_follows_the_environment_variable(tmp_path, monkeypatch):
+    monkeypatch.setenv(fm.ROOT_ENV, str(tmp_path))
+    assert fm.dataset_root() == str(tmp_path)
+    assert fm.dataset_root("/elsewhere") == "/elsewhere"
+    assert not fm.debian_available()
+    images, _, source = fm.default_data("test")
+    assert source == "bundled" and images.shape == (1000, 1, 28, 28)
+    with pytest.raises(FileNotFoundError) as info:
+        fm.load_raw_split("test")
+    msg = str(info.value)
+    assert str(tmp_path / "t10k-images-idx3-ubyte.gz") in msg
+    assert "apt-get install dataset-fashion-mnist" in msg and fm.ROOT_ENV in msg
+    monkeypatch.delenv(fm.ROOT_ENV)
+    assert fm.dataset_root() == fm.DEBIAN_ROOT
+
+
+@requires_fashion_mnist
+def test_write_bundled_slice_rewrites_the_shipped_one(tmp_path):
+    path = fm.write_bundled_slice(str(tmp_path / "slice.npz"))
+    with np.load(path) as written, np.load(fm.SLICE_PATH) as shipped:
+        np.testing.assert_array_equal(written["images"], shipped["images"])
+        np.testing.assert_array_equal(written["labels"], shipped["labels"])
 
 
 def test_default_data_falls_back_to_bundled_slice(tmp_path):

@@ -10,6 +10,11 @@ Example::
 
     OMP_NUM_THREADS=1 .venv/bin/python examples/fashion_mnist/train.py \
         --model resnet --epochs 6 --seed 0
+
+``--out-dir`` defaults to this repository's ``gluon_int8_samples/data`` (found from this
+script's location: the folder the samples load from in a checkout or an editable
+install), never to an installed package; the bundled test slice is rewritten there too
+unless ``--no-slice``.
 """
 
 import argparse
@@ -27,7 +32,11 @@ from mxnet import autograd, gluon  # noqa: E402
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__),
                                                 "..", "..")))
-from gluon_int8 import fashion_mnist as fm  # noqa: E402
+from gluon_int8_samples import fashion_mnist as fm  # noqa: E402
+
+#: The repository's sample data folder (this script lives in <repo>/examples/fashion_mnist).
+REPO_DATA_DIR = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                              "..", "..", "gluon_int8_samples", "data"))
 
 #: Epochs used when --epochs is not given (chosen for <= ~15 min on 1 core).
 DEFAULT_EPOCHS = {"resnet": 6, "mobilenet": 12, "inception": 6, "preact_resnet": 6,
@@ -125,10 +134,11 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=0.1)
     parser.add_argument("--wd", type=float, default=5e-4)
-    parser.add_argument("--out-dir", default=fm.DATA_DIR)
+    parser.add_argument("--out-dir", default=REPO_DATA_DIR,
+                        help="where to save the parameters (default %(default)s)")
     parser.add_argument("--data-root", default=None,
-                        help="directory of the idx .gz files "
-                             "(default %s)" % fm.DEBIAN_ROOT)
+                        help="directory of the idx .gz files (default $%s, else %s)"
+                             % (fm.ROOT_ENV, fm.DEBIAN_ROOT))
     parser.add_argument("--no-slice", action="store_true",
                         help="do not (re)write the bundled test slice")
     args = parser.parse_args(argv)

@@ -16,7 +16,7 @@ import matplotlib
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402
 
-from gluon_int8 import detection as det  # noqa: E402
+from gluon_int8_samples import detection as det  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from evaluate import load_deploy  # noqa: E402

@@ -21,7 +21,7 @@ import mxnet as mx
 
 import gluon_int8
 from gluon_int8 import bench
-from gluon_int8 import detection as det
+from gluon_int8_samples import detection as det
 
 
 def load_deploy(prefix, epoch=0):

@@ -21,8 +21,8 @@ import os
 import mxnet as mx
 
 import gluon_int8
-from gluon_int8 import detection as det
 from gluon_int8 import zoo
+from gluon_int8_samples import detection as det
 
 
 def calibration_batches(num_batches, batch_size, seed):

@@ -1,4 +1,5 @@
-"""Train the small SSD of gluon_int8.detection on the synthetic Fashion-MNIST detection set.
+"""Train the small SSD of gluon_int8_samples.detection on the synthetic Fashion-MNIST
+detection set.
 
 Every epoch draws fresh images of the 'train' split (epoch e uses images
 e*N .. (e+1)*N - 1, objects from the Fashion-MNIST training set), so no augmentation is
@@ -13,6 +14,10 @@ after every epoch.
 Example::
 
     OMP_NUM_THREADS=2 PYTHONPATH=. python examples/ssd/train.py --seed 0
+
+``--out`` defaults to this repository's ``gluon_int8_samples/data/ssd_fashion.params``
+(found from this script's location: the file the samples load in a checkout or an
+editable install), never to an installed package.
 """
 import argparse
 import logging
@@ -26,7 +31,11 @@ from gluoncv.loss import SSDMultiBoxLoss
 from gluoncv.model_zoo.ssd.target import SSDTargetGenerator
 from mxnet import autograd, gluon
 
-from gluon_int8 import detection as det
+from gluon_int8_samples import detection as det
+
+#: The repository's sample data folder (this script lives in <repo>/examples/ssd).
+REPO_DATA_DIR = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                              '..', '..', 'gluon_int8_samples', 'data'))
 
 
 def padded_labels(labels):
@@ -114,7 +123,8 @@ def main(argv=None):
     parser.add_argument('--wd', type=float, default=5e-4)
     parser.add_argument('--val-images', type=int, default=300)
     parser.add_argument('--seed', type=int, default=0)
-    parser.add_argument('--out', default=det.PARAMS_PATH)
+    parser.add_argument('--out', default=os.path.join(REPO_DATA_DIR, 'ssd_fashion.params'),
+                        help='where to save the parameters (default: %(default)s)')
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
     run(args)

@@ -1,12 +1,16 @@
 """Object detection on real images: a synthetic Fashion-MNIST detection set, VOC mAP and
-a small GluonCV SSD trained on it (parameters shipped as ``data/ssd_fashion.params``).
+a small GluonCV SSD trained on it (parameters shipped as
+``gluon_int8_samples/data/ssd_fashion.params``). Needs OpenCV and GluonCV (the ``[samples]``
+extra).
 
 * :func:`make_detection_set` pastes real Fashion-MNIST items (cropped to their tight box,
   resized to a random scale, tinted) at random positions onto dark 300x300 canvases with
   a mild gradient and noise, and returns VOC-style boxes ``[xmin, ymin, xmax, ymax,
   class]`` in pixels. Image ``i`` of a split depends only on ``(seed, split, i)``.
   Objects come from disjoint pools: ``'train'`` from the Fashion-MNIST training split,
-  ``'val'`` from test items 0-4999 and ``'test'`` from test items 5000-9999.
+  ``'val'`` from test items 0-4999 and ``'test'`` from test items 5000-9999 (the full
+  dataset: ``fm.INSTALL_HINT``); or, with ``items=``, from given items such as the
+  bundled 1000-image slice.
 * :func:`voc_map` is the PASCAL VOC mean average precision (area under the interpolated
   precision/recall curve, or the 11-point VOC2007 variant), written from the VOC devkit's
   definition (Everingham et al., "The PASCAL Visual Object Classes Challenge", IJCV 2010).
@@ -43,8 +47,16 @@ PARAMS_PATH = os.path.join(fm.DATA_DIR, 'ssd_fashion.params')
 # ---------------------------------------------------------------------------
 
 @functools.lru_cache(maxsize=2)
-def _items(fm_split: str, root: Optional[str]) -> Tuple[np.ndarray, np.ndarray]:
+def _split_items(fm_split: str, root: str) -> Tuple[np.ndarray, np.ndarray]:
     return fm.load_raw_split(fm_split, root)
+
+
+def _pool(split: str, root: Optional[str], items) -> Tuple[np.ndarray, np.ndarray, int, int]:
+    """(images, labels, lo, hi): objects of ``split`` are items lo .. hi - 1."""
+    if items is not None:
+        return items[0], items[1], 0, len(items[1])
+    fm_split, lo, hi = SPLITS[split]
+    return _split_items(fm_split, fm.dataset_root(root)) + (lo, hi)
 
 
 def _tight_crop(item: np.ndarray) -> np.ndarray:
@@ -102,10 +114,9 @@ def _place(rng, canvas, items, labels, boxes, lo, hi, scale_range, max_overlap) 
 
 def _make_image(split: str, index: int, seed: int = 0, size: int = 300,
                max_objects: int = 4, scale_range=(40.0, 140.0), max_overlap: float = 0.2,
-               root: Optional[str] = None) -> Tuple[np.ndarray, np.ndarray]:
+               root: Optional[str] = None, items=None) -> Tuple[np.ndarray, np.ndarray]:
     """Image ``index`` of ``split``: ``(uint8 (size, size, 3), float32 (k, 5) boxes)``."""
-    fm_split, lo, hi = SPLITS[split]
-    items, labels = _items(fm_split, root)
+    items, labels, lo, hi = _pool(split, root, items)
     rng = np.random.default_rng([seed, _SPLIT_CODES[split], index])
     canvas = _background(rng, size)
     boxes: List[np.ndarray] = []
@@ -117,7 +128,7 @@ def _make_image(split: str, index: int, seed: int = 0, size: int = 300,
 
 def make_detection_set(split: str, num_images: int, seed: int = 0, size: int = 300,
                        start: int = 0, max_objects: int = 4, scale_range=(40.0, 140.0),
-                       max_overlap: float = 0.2, root: Optional[str] = None
+                       max_overlap: float = 0.2, root: Optional[str] = None, items=None
                        ) -> Tuple[np.ndarray, List[np.ndarray]]:
     """Images ``start .. start + num_images - 1`` of a deterministic detection split.
 
@@ -125,14 +136,18 @@ def make_detection_set(split: str, num_images: int, seed: int = 0, size: int = 3
     ``(k, 5)`` array of ``[xmin, ymin, xmax, ymax, class_id]`` (pixels, class 0-9),
     ``1 <= k <= max_objects``. An object's longest side is uniform in ``scale_range``
     pixels; objects cover at most ``max_overlap`` of each other's box area. ``root``: the
-    folder of the Fashion-MNIST idx files (default: Debian's).
+    folder of the Fashion-MNIST idx files (default: ``fm.dataset_root()``). ``items``:
+    ``(uint8 images (n, 28, 28), labels (n,))`` to draw the objects from instead of the
+    split's share of the dataset (e.g. ``fm.bundled_raw_slice()``, which needs no
+    dataset installed); ``split`` still seeds the generator.
     """
     _check_split_args(split, num_images, seed, size, start, max_objects, scale_range)
+    _check_items(items)
     images = np.empty((num_images, size, size, 3), dtype=np.uint8)
     labels = []
     for i in range(num_images):
         images[i], boxes = _make_image(split, start + i, seed, size, max_objects, scale_range,
-                                      max_overlap, root)
+                                      max_overlap, root, items)
         labels.append(boxes)
     log.debug('%s split: %d images from index %d (seed %d)', split, num_images, start, seed)
     return images, labels
@@ -148,6 +163,25 @@ def _check_split_args(split, num_images, seed, size, start, max_objects, scale_r
     if len(scale_range) != 2 or not 4 <= scale_range[0] <= scale_range[1] <= size:
         raise ValueError('scale_range: got %r; expected (low, high) with 4 <= low <= high '
                          '<= size=%r' % (scale_range, size))
+
+
+def _check_items(items) -> None:
+    if items is None:
+        return
+    ok = isinstance(items, (tuple, list)) and len(items) == 2
+    images, labels = (np.asarray(items[0]), np.asarray(items[1])) if ok else (None, None)
+    if not ok or images.ndim != 3 or images.dtype != np.uint8 or len(images) == 0 \
+            or labels.shape != images.shape[:1]:
+        raise ValueError('items: got %s; expected (uint8 images (n, 28, 28), labels (n,)) '
+                         'with n >= 1, e.g. fashion_mnist.bundled_raw_slice()'
+                         % (_describe(items),))
+
+
+def _describe(items) -> str:
+    if isinstance(items, (tuple, list)):
+        return '(%s)' % ', '.join('%s %s' % (np.asarray(v).dtype, np.asarray(v).shape)
+                                  for v in items)
+    return type(items).__name__
 
 
 def to_input(images: np.ndarray) -> mx.nd.NDArray:

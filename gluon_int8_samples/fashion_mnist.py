@@ -3,17 +3,23 @@
 This module provides:
 
 * data access: :func:`load_split` reads the Debian ``dataset-fashion-mnist``
-  idx files directly with numpy, :func:`bundled_slice` reads a small slice of
-  the test set shipped with the package, and :func:`default_data` picks
-  whichever is available;
+  idx files directly with numpy (from :data:`DEBIAN_ROOT`, or the folder named
+  by the environment variable :data:`ROOT_ENV`, read only), :func:`bundled_slice`
+  reads a small slice of the test set shipped with the package, and
+  :func:`default_data` picks whichever is available;
 * one normalization, :func:`normalize`, used for training and evaluation
-  (``(x / 255 - MEAN) / STD``, NCHW float32, shape ``(N, 1, 28, 28)``);
-* three small model families mirroring the classic CNN designs used in
+  (``(x / 255 - MEAN) / STD``, NCHW float32, shape ``(N, 1, 28, 28)``), and the
+  same as :data:`IMAGE_PREPROCESS` for images read from files, which
+  :func:`write_image_files` writes from the bundled slice (an image folder and a
+  RecordIO file, for the command-line flow and the tests);
+* small model families mirroring the classic CNN designs used in
   quantization studies -- ``'resnet'`` (ResNet-v1 basic blocks with a
   residual elementwise sum), ``'mobilenet'`` (depthwise-separable
   convolutions) and ``'inception'`` (multi-branch blocks joined by a channel
-  concat) -- with parameters trained by ``examples/fashion_mnist/train.py``
-  shipped as ``gluon_int8/data/fashion_mnist_<name>.params``;
+  concat), and three more (``'preact_resnet'``, ``'shufflenet'``,
+  ``'mobilenetv3'``) -- with parameters trained by
+  ``examples/fashion_mnist/train.py`` shipped as
+  ``gluon_int8_samples/data/fashion_mnist_<name>.params``;
 * :func:`get_model` to build a family and load its shipped parameters, and
   :func:`evaluate` to measure top-1 accuracy of any callable block.
 """
@@ -26,10 +32,19 @@ import mxnet as mx
 import numpy as np
 from mxnet.gluon import nn
 
+from gluon_int8.datasets import Preprocess
+
 LOGGER = logging.getLogger(__name__)
 
 #: Directory of the Debian ``dataset-fashion-mnist`` package.
 DEBIAN_ROOT = "/usr/share/datasets/fashion-mnist"
+#: Environment variable naming another folder of the four idx ``.gz`` files; it
+#: replaces :data:`DEBIAN_ROOT` wherever no ``root`` is passed (e.g. to run the
+#: tests as on a machine without the dataset: point it at an empty folder).
+ROOT_ENV = "GLUON_INT8_FASHION_MNIST"
+#: What to do where the full dataset is needed and missing.
+INSTALL_HINT = ("apt-get install dataset-fashion-mnist (Debian), or set %s to a "
+                "folder holding the four Fashion-MNIST idx .gz files" % ROOT_ENV)
 #: Directory holding the shipped parameters and the bundled test slice.
 DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 #: Bundled slice: the first :data:`SLICE_SIZE` test images (uint8) + labels.
@@ -41,6 +56,8 @@ MEAN = 0.2860
 STD = 0.3530
 NUM_CLASSES = 10
 INPUT_SHAPE = (1, 28, 28)
+#: :func:`normalize` for image files: 28x28 grayscale as is, the same mean/std.
+IMAGE_PREPROCESS = Preprocess(resize=None, crop=None, mean=(MEAN,), std=(STD,), channels=1)
 
 CLASS_NAMES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
@@ -74,17 +91,31 @@ def _read_idx(path, expected_magic):
     return data.reshape(dims)
 
 
+def dataset_root(root=None):
+    """The folder of the idx files: ``root``, else ``$GLUON_INT8_FASHION_MNIST``,
+    else :data:`DEBIAN_ROOT`."""
+    if root is not None:
+        return root
+    return os.environ.get(ROOT_ENV) or DEBIAN_ROOT
+
+
 def load_raw_split(split="test", root=None):
     """Return ``(images uint8 (N, 28, 28), labels int32 (N,))`` of a split.
 
     ``split`` is ``'train'`` or ``'test'``; ``root`` defaults to
-    :data:`DEBIAN_ROOT`.  Raises ``FileNotFoundError`` if the files are absent.
+    :func:`dataset_root`.  Raises ``FileNotFoundError`` naming the missing
+    file and what to install if the files are absent.
     """
     if split not in _FILES:
         raise ValueError("split must be one of %s, got %r"
                          % (sorted(_FILES), split))
-    root = DEBIAN_ROOT if root is None else root
+    root = dataset_root(root)
     img_name, lbl_name = _FILES[split]
+    for name in (img_name, lbl_name):
+        if not os.path.isfile(os.path.join(root, name)):
+            raise FileNotFoundError(
+                "Fashion-MNIST %s split: %s not found; %s"
+                % (split, os.path.join(root, name), INSTALL_HINT))
     images = _read_idx(os.path.join(root, img_name), 0x00000803)
     labels = _read_idx(os.path.join(root, lbl_name), 0x00000801)
     if images.shape[0] != labels.shape[0]:
@@ -115,10 +146,17 @@ def normalize(images):
 def load_split(split="test", root=None):
     """Return ``(images float32 (N, 1, 28, 28) normalized, labels int32)``.
 
-    Reads the Debian idx files from ``root`` (default :data:`DEBIAN_ROOT`).
+    Reads the Debian idx files from ``root`` (default :func:`dataset_root`).
     """
     images, labels = load_raw_split(split, root)
     return normalize(images), labels
+
+
+def bundled_raw_slice():
+    """Return ``(images uint8 (1000, 28, 28), labels int32)`` of the shipped slice:
+    the first 1000 Fashion-MNIST test images, as the idx files hold them."""
+    with np.load(SLICE_PATH) as data:
+        return data["images"], data["labels"].astype(np.int32)
 
 
 def bundled_slice():
@@ -127,14 +165,52 @@ def bundled_slice():
     The slice holds the first 1000 Fashion-MNIST test images; images are
     normalized float32 ``(1000, 1, 28, 28)`` and labels int32 in ``0..9``.
     """
-    with np.load(SLICE_PATH) as data:
-        images = data["images"]
-        labels = data["labels"].astype(np.int32)
+    images, labels = bundled_raw_slice()
     return normalize(images), labels
 
 
-def write_bundled_slice(path=SLICE_PATH, root=None, count=SLICE_SIZE):
-    """Write the first ``count`` test images (uint8) and labels to ``path``."""
+def write_image_files(root, count=SLICE_SIZE):
+    """Write the first ``count`` images of the bundled slice as image files.
+
+    ``root/folder/class<k>/<i>.png`` (one subfolder per class), ``root/flat/<i>.png``
+    and ``root/slice.rec`` + ``slice.idx`` (PNG records with their labels, written
+    with MXNet's ``recordio``; OpenCV encodes). PNG is lossless: read with
+    :data:`IMAGE_PREPROCESS` they give :func:`bundled_slice` exactly. Returns the
+    paths by name ('folder', 'flat', 'rec').
+    """
+    images, labels = bundled_raw_slice()
+    paths = {"folder": os.path.join(root, "folder"), "flat": os.path.join(root, "flat"),
+             "rec": os.path.join(root, "slice.rec")}
+    os.makedirs(paths["flat"], exist_ok=True)
+    writer = mx.recordio.MXIndexedRecordIO(os.path.join(root, "slice.idx"), paths["rec"], "w")
+    for i, (image, label) in enumerate(zip(images[:count], labels[:count])):
+        png = _png(image)
+        for folder in (os.path.join(paths["folder"], "class%d" % label), paths["flat"]):
+            os.makedirs(folder, exist_ok=True)
+            with open(os.path.join(folder, "%04d.png" % i), "wb") as fobj:
+                fobj.write(png)
+        header = mx.recordio.IRHeader(0, float(label), i, 0)
+        writer.write_idx(i, mx.recordio.pack(header, png))
+    writer.close()
+    LOGGER.info("wrote %d images to %s", min(count, len(labels)), root)
+    return paths
+
+
+def _png(image):
+    import cv2  # pylint: disable=import-outside-toplevel
+    ok, png = cv2.imencode(".png", image)
+    if not ok:
+        raise ValueError("image: OpenCV could not encode a %s %s array as PNG"
+                         % (image.dtype, image.shape))
+    return png.tobytes()
+
+
+def write_bundled_slice(path, root=None, count=SLICE_SIZE):
+    """Write the first ``count`` test images (uint8) and labels to ``path``.
+
+    ``path`` has no default: the shipped slice is :data:`SLICE_PATH`, inside the
+    installed package, which only a script run from the repository should rewrite.
+    """
     images, labels = load_raw_split("test", root)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     np.savez_compressed(path, images=images[:count].astype(np.uint8),
@@ -144,8 +220,9 @@ def write_bundled_slice(path=SLICE_PATH, root=None, count=SLICE_SIZE):
 
 
 def debian_available(root=None):
-    """Return True if all four Debian Fashion-MNIST files exist in ``root``."""
-    root = DEBIAN_ROOT if root is None else root
+    """Return True if all four Fashion-MNIST files exist in ``root`` (default
+    :func:`dataset_root`)."""
+    root = dataset_root(root)
     return all(os.path.isfile(os.path.join(root, name))
                for pair in _FILES.values() for name in pair)
 
@@ -160,12 +237,12 @@ def default_data(split="test", root=None):
     if debian_available(root):
         images, labels = load_split(split, root)
         LOGGER.info("Fashion-MNIST %s split: %d images from %s", split,
-                    len(labels), DEBIAN_ROOT if root is None else root)
+                    len(labels), dataset_root(root))
         return images, labels, "debian"
     if split != "test":
         raise FileNotFoundError(
             "Fashion-MNIST %s split not found under %s and only a test slice "
-            "is bundled" % (split, DEBIAN_ROOT if root is None else root))
+            "is bundled; %s" % (split, dataset_root(root), INSTALL_HINT))
     images, labels = bundled_slice()
     LOGGER.warning("Debian Fashion-MNIST files not found; using the bundled "
                    "%d-image test slice %s", len(labels), SLICE_PATH)

@@ -23,7 +23,7 @@ import mxnet as mx
 from mxnet.gluon import SymbolBlock
 from mxnet.gluon.block import _regroup
 
-from . import weights
+from . import layout, weights
 from .quantize_graph import LayerInfo
 from .report import FP32Graph, Report, layer_report
 from .table import CalibrationTable, _tmp_path, atomic_write_text
@@ -127,11 +127,11 @@ class QuantizedBlock(SymbolBlock):
             kind = 'arg' if name in arg_names else 'aux'
             if name not in data_names and name not in int8_names:
                 params['%s:%s' % (kind, name)] = value
-        files = {'%s-symbol.json' % path: lambda tmp: symbol.save(tmp),
-                 '%s-%04d.params' % (path, epoch): lambda tmp: mx.nd.save(tmp, params)}
+        files = {layout.symbol_file(path): lambda tmp: symbol.save(tmp),
+                 layout.params_file(path, epoch): lambda tmp: mx.nd.save(tmp, params)}
         fp32 = self.fp32_graph if fp32_reference else None
         if fp32 is not None:
-            files['%s-fp32.params' % path] = lambda tmp: mx.nd.save(
+            files[layout.fp32_file(path)] = lambda tmp: mx.nd.save(
                 tmp, {'arg:%s' % k: v for k, v in fp32.params.items()})
         temps = []
         try:
@@ -147,7 +147,7 @@ class QuantizedBlock(SymbolBlock):
             for tmp in temps:
                 if os.path.exists(tmp):
                     os.remove(tmp)
-        sidecar = '%s-quantization.json' % path
+        sidecar = layout.sidecar_file(path)
         atomic_write_text(sidecar, json.dumps(self._sidecar(sorted(int8_names), fp32), indent=1))
         written = list(files) + [sidecar]
         log.info('exported INT8 model: %s', ', '.join(written))
@@ -210,7 +210,7 @@ def _read_fp32_graph(prefix: str, meta: dict) -> Optional[FP32Graph]:
     graph = meta.get('fp32_graph')
     if graph is None:
         return None
-    path = '%s-fp32.params' % prefix
+    path = layout.fp32_file(prefix)
     if not os.path.isfile(path):
         log.warning('prefix: %r has no file %r; the model loads, but report() needs it',
                     prefix, path)
@@ -224,8 +224,8 @@ def load(prefix: str, epoch: int = 0) -> QuantizedBlock:
     INT8 weights are dequantized once here (the graph of the sidecar has no dequantize
     nodes), so the loaded block runs as fast as the one ``quantize_net`` returned.
     """
-    sym_file, params_file = '%s-symbol.json' % prefix, '%s-%04d.params' % (prefix, epoch)
-    sidecar_file = '%s-quantization.json' % prefix
+    sym_file, params_file = layout.symbol_file(prefix), layout.params_file(prefix, epoch)
+    sidecar_file = layout.sidecar_file(prefix)
     for f in (sym_file, params_file, sidecar_file):
         if not os.path.isfile(f):
             raise ValueError('prefix: %r has no file %r' % (prefix, f))

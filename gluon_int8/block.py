@@ -23,7 +23,7 @@ import mxnet as mx
 from mxnet.gluon import SymbolBlock
 from mxnet.gluon.block import _regroup
 
-from . import layout, weights
+from . import layout, store, weights
 from .quantize_graph import LayerInfo
 from .report import FP32Graph, Report, layer_report
 from .table import CalibrationTable, _tmp_path, atomic_write_text
@@ -127,7 +127,8 @@ class QuantizedBlock(SymbolBlock):
             kind = 'arg' if name in arg_names else 'aux'
             if name not in data_names and name not in int8_names:
                 params['%s:%s' % (kind, name)] = value
-        files = {layout.symbol_file(path): lambda tmp: symbol.save(tmp),
+        files = {layout.symbol_file(path): lambda tmp: atomic_write_text(
+                     tmp, store.canonical_json(symbol)),
                  layout.params_file(path, epoch): lambda tmp: mx.nd.save(tmp, params)}
         fp32 = self.fp32_graph if fp32_reference else None
         if fp32 is not None:
@@ -160,10 +161,10 @@ class QuantizedBlock(SymbolBlock):
                 'int8_weights': int8_names,
                 # the graph without the dequantize nodes, for load() to fold the weights
                 # once; without int8 weights the symbol file is that graph already
-                'graph': json.loads(self._cached_graph[1].tojson()) if int8_names else None,
+                'graph': store.canonical_graph(self._cached_graph[1]) if int8_names else None,
                 'calib_table': self.calib_table.to_dict() if self.calib_table else None,
                 'layers': [row.to_dict() for row in self.layers],
-                'fp32_graph': json.loads(fp32.symbol.tojson()) if fp32 is not None else None}
+                'fp32_graph': store.canonical_graph(fp32.symbol) if fp32 is not None else None}
 
 
 def _first_line(err: Exception) -> str:

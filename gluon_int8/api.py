@@ -109,8 +109,11 @@ def validate(mode='entropy', quantized_dtype='auto', granularity='tensor', quant
     if isinstance(percentile, bool) or not isinstance(percentile, (int, float)) \
             or not 0 < percentile <= 100:
         raise ValueError('percentile: got %r; expected a number in (0, 100]' % (percentile,))
-    if isinstance(num_bins, bool) or not isinstance(num_bins, int) or num_bins < 256:
-        raise ValueError('num_bins: got %r; expected an int >= 256' % (num_bins,))
+    if isinstance(num_bins, bool) or not isinstance(num_bins, int) or num_bins < 256 \
+            or num_bins & (num_bins - 1):
+        raise ValueError('num_bins: got %r; expected a power of two >= 256 (1024, 2048, ...): '
+                         'the histograms double their range by merging pairs of bins'
+                         % (num_bins,))
     return Options(_mode(mode), _choice('quantized_dtype', quantized_dtype, QUANTIZED_DTYPES),
                    _choice('granularity', granularity, tuple(GRANULARITIES)),
                    _choice('quantize_mode', quantize_mode, QUANTIZE_MODES),
@@ -156,7 +159,7 @@ def quantize_net(block: HybridBlock, calib_data=None, mode='entropy', *,
     percentile : float
         For ``mode='percentile'``: percentile of |x| used as threshold.
     num_bins : int
-        Histogram bins for the histogram-based modes.
+        Histogram bins for the histogram-based modes: a power of two >= 256.
     calib_table : str or CalibrationTable
         With ``calib_data``: a path where the table is saved. Without: the table (or its
         path) to quantize from, with no data.

@@ -25,7 +25,8 @@ from .quantize_graph import (GRANULARITIES, graph_nodes, quantize_node_inputs,
                              quantize_graph, quantize_offline_params, resolve_exclusions,
                              set_calib_table, summarize)
 from .report import fp32_reference
-from .table import CalibrationTable, optional_table
+from .table import (CalibrationTable, check_ranges, check_reuse, check_table_argument,
+                    optional_table, table_source, warn_tiny_ranges)
 from .thresholds import THRESHOLDS
 from .trace import build_symbol_block, count_inputs, trace
 
@@ -50,6 +51,7 @@ class Options:
     num_calib_examples: Optional[int]
     percentile: float
     num_bins: int
+    allow_table_mismatch: bool = False
 
     @property
     def mode_name(self) -> str:
@@ -104,7 +106,7 @@ def _mode(value) -> Union[str, Collector]:
 def validate(mode='entropy', quantized_dtype='auto', granularity='tensor', quantize_mode='full',
              exclude_layers=None, exclude_layers_match=None, exclude_operators=None,
              num_calib_batches=None, num_calib_examples=None, percentile=99.99,
-             num_bins=DEFAULT_NUM_BINS) -> Options:
+             num_bins=DEFAULT_NUM_BINS, allow_table_mismatch=False) -> Options:
     """Check every option once; errors name the parameter, the value and what is allowed."""
     if isinstance(percentile, bool) or not isinstance(percentile, (int, float)) \
             or not 0 < percentile <= 100:
@@ -114,6 +116,9 @@ def validate(mode='entropy', quantized_dtype='auto', granularity='tensor', quant
         raise ValueError('num_bins: got %r; expected a power of two >= 256 (1024, 2048, ...): '
                          'the histograms double their range by merging pairs of bins'
                          % (num_bins,))
+    if not isinstance(allow_table_mismatch, bool):
+        raise TypeError('allow_table_mismatch: got %r; expected True or False'
+                        % (allow_table_mismatch,))
     return Options(_mode(mode), _choice('quantized_dtype', quantized_dtype, QUANTIZED_DTYPES),
                    _choice('granularity', granularity, tuple(GRANULARITIES)),
                    _choice('quantize_mode', quantize_mode, QUANTIZE_MODES),
@@ -121,7 +126,8 @@ def validate(mode='entropy', quantized_dtype='auto', granularity='tensor', quant
                    _names('exclude_layers_match', exclude_layers_match),
                    _names('exclude_operators', exclude_operators),
                    _count('num_calib_batches', num_calib_batches),
-                   _count('num_calib_examples', num_calib_examples), float(percentile), num_bins)
+                   _count('num_calib_examples', num_calib_examples), float(percentile), num_bins,
+                   allow_table_mismatch)
 
 
 def quantize_net(block: HybridBlock, calib_data=None, mode='entropy', *,
@@ -129,7 +135,8 @@ def quantize_net(block: HybridBlock, calib_data=None, mode='entropy', *,
                  quantize_mode: str = 'full', exclude_layers=None, exclude_layers_match=None,
                  exclude_operators=None, num_calib_batches: Optional[int] = None,
                  num_calib_examples: Optional[int] = None, percentile: float = 99.99,
-                 num_bins: int = DEFAULT_NUM_BINS, calib_table=None, progress: bool = False) -> QuantizedBlock:
+                 num_bins: int = DEFAULT_NUM_BINS, calib_table=None, progress: bool = False,
+                 allow_table_mismatch: bool = False) -> QuantizedBlock:
     """Quantize a Gluon HybridBlock to INT8 and return a drop-in ``QuantizedBlock``.
 
     Parameters
@@ -160,18 +167,28 @@ def quantize_net(block: HybridBlock, calib_data=None, mode='entropy', *,
         For ``mode='percentile'``: percentile of |x| used as threshold.
     num_bins : int
         Histogram bins for the histogram-based modes: a power of two >= 256.
-    calib_table : str or CalibrationTable
-        With ``calib_data``: a path where the table is saved. Without: the table (or its
-        path) to quantize from, with no data.
+    calib_table : str, os.PathLike or CalibrationTable
+        With ``calib_data``: a path (str or path-like) where the table is saved; a
+        ``CalibrationTable`` object together with data is a ``ValueError`` (calibrate,
+        or quantize from the table?). Without data: the table, or its path, to quantize
+        from. A table is
+        checked against this network and call: layers, valid ranges, negative ranges
+        with ``quantized_dtype='uint8'`` (always refused), and its network fingerprint,
+        mode and quantized_dtype (refused unless ``allow_table_mismatch``).
     progress : bool
         Show a tqdm progress bar over the calibration batches.
+    allow_table_mismatch : bool
+        Quantize from a ``calib_table`` of another network (other fingerprint: other
+        graph or weights), another mode or quantized_dtype, or without a fingerprint,
+        with a warning instead of a ``ValueError``.
     """
     if not isinstance(block, HybridBlock):
         raise TypeError('block: expected a gluon HybridBlock, got %s; only HybridBlocks '
                         'can be traced into a graph' % type(block).__name__)
     opts = validate(mode, quantized_dtype, granularity, quantize_mode, exclude_layers,
                     exclude_layers_match, exclude_operators, num_calib_batches,
-                    num_calib_examples, percentile, num_bins)
+                    num_calib_examples, percentile, num_bins, allow_table_mismatch)
+    calib_table = check_table_argument(calib_table, calib_data is not None)
     batches = _batches(block, calib_data, opts, calib_table)
     first = next(batches) if batches is not None else None
     if first is not None:
@@ -256,19 +273,27 @@ def _calibration_table(fused, traced, calib_layers, quantize_inputs, batches, op
         return None
     if batches is None:
         table = optional_table(calib_table)
-        table.check_layers(calib_layers)
+        check_reuse(table, calib_layers, quantize_inputs, traced.fingerprint(), opts.mode_name,
+                    opts.quantized_dtype, opts.allow_table_mismatch, table_source(calib_table))
         return table
     stats = collect_statistics(fused, traced.data_names, traced.arg_params, traced.aux_params,
                                calib_layers, batches, opts.new_collector(), progress, total)
-    table = table_from_stats(stats, opts, quantize_inputs, traced.data_names)
-    if isinstance(calib_table, str):
+    table = table_from_stats(stats, opts, quantize_inputs, traced.data_names,
+                             traced.fingerprint())
+    if calib_table is not None:  # a path: check_table_argument refused a table with data
         table.save(calib_table)
         log.info('saved calibration table to %s', calib_table)
     return table
 
 
-def table_from_stats(stats, opts: Options, quantize_inputs, input_layers) -> CalibrationTable:
+def table_from_stats(stats, opts: Options, quantize_inputs, input_layers,
+                     fingerprint: Optional[str] = None) -> CalibrationTable:
     """Statistics -> calibration table, the one way ``quantize_net`` and ``tune`` (which
-    builds many tables from one calibration pass) both take."""
-    return make_table(stats, opts.mode_name, opts.quantized_dtype, quantize_inputs,
-                      input_layers, **opts.threshold_options())
+    builds many tables from one calibration pass) both take; ``fingerprint`` binds it to
+    the network calibrated (:func:`gluon_int8.table.fingerprint`)."""
+    table = make_table(stats, opts.mode_name, opts.quantized_dtype, quantize_inputs,
+                       input_layers, **opts.threshold_options())
+    table.fingerprint = fingerprint
+    check_ranges(table, 'calibration')
+    warn_tiny_ranges(table)
+    return table

@@ -300,7 +300,8 @@ class _Builder:
             raise RuntimeError('tune: calibration collected no statistics for %s' % missing)
         opts = dataclasses.replace(self.opts, mode=mode, granularity=granularity)
         table = table_from_stats({n: self.stats[n] for n in layers}, opts,
-                                 quantize_node_inputs(qsym), self.traced.data_names)
+                                 quantize_node_inputs(qsym), self.traced.data_names,
+                                 self.traced.fingerprint())
         return build_block(self.traced, self.fused, self.nodes, reasons, qsym, table)
 
     def output_sqnr(self, block: QuantizedBlock) -> float:

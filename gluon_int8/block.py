@@ -26,6 +26,7 @@ from mxnet.gluon import SymbolBlock
 from mxnet.gluon.block import _regroup
 
 from . import layout, store, weights
+from .errors import first_line
 from .quantize_graph import LayerInfo
 from .report import FP32Graph, Report, layer_report
 from .sidecar import Sidecar, graph_symbol
@@ -166,7 +167,7 @@ def _parse_symbol(data: bytes, path: str) -> mx.sym.Symbol:
         return mx.sym.load_json(text)
     except (UnicodeDecodeError, json.JSONDecodeError, mx.base.MXNetError) as err:
         raise ValueError('prefix: %r is truncated or corrupted (%s)'
-                         % (path, store.first_line(err))) from err
+                         % (path, first_line(err))) from err
 
 
 def _parse_params(data: bytes, path: str) -> dict:
@@ -174,7 +175,7 @@ def _parse_params(data: bytes, path: str) -> dict:
         saved = mx.nd.load_frombuffer(data)
     except mx.base.MXNetError as err:
         raise ValueError('prefix: %r is truncated or corrupted (%s)'
-                         % (path, store.first_line(err))) from err
+                         % (path, first_line(err))) from err
     if not saved:  # mx.nd.save of no arrays loads back as an empty list
         return {}
     if not isinstance(saved, dict):

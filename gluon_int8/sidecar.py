@@ -14,7 +14,7 @@ from typing import List, Optional
 import mxnet as mx
 
 from .quantize_graph import LayerInfo
-from .store import first_line
+from .errors import first_line
 from .table import CalibrationTable
 
 VERSION = 2  # 1: no manifest (read unverified); 2: with manifest and checksum

@@ -38,6 +38,7 @@ import mxnet as mx
 import numpy as np
 
 from . import layout
+from .errors import first_line
 
 log = logging.getLogger(__name__)
 
@@ -241,16 +242,6 @@ def _write_error(prefix: str, err: Exception, renamed: int) -> OSError:
              'the export is incomplete and load() refuses it: export again')
     return OSError('prefix: cannot write the export %r: %s%s; %s'
                    % (prefix, reason, where, state))
-
-
-def first_line(err: Exception) -> str:
-    """The first line of an error that says something: MXNet's messages start with
-    'Traceback (most recent call last):' and a 'File ...' line before the real one."""
-    for line in str(err).strip().splitlines():
-        line = line.strip()
-        if line and not line.startswith(('Traceback (most recent call last)', 'File "')):
-            return line[len('MXNetError: '):] if line.startswith('MXNetError: ') else line
-    return type(err).__name__
 
 
 # ---------------------------------------------------------------------------------------

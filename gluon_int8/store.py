@@ -202,24 +202,28 @@ def write_export(prefix: str, epoch: int, payloads: Dict[str, Payload],
     paths = layout.export_files(prefix, epoch)
     folder = os.path.dirname(os.path.abspath(prefix))
     temps: Dict[str, str] = {}
-    renamed = 0
+    renamed, current = 0, folder
     with locked(prefix):
         _check_other_epochs(prefix, epoch, payloads[layout.SYMBOL])
         try:
             manifest = {}
             for role, payload in payloads.items():
-                temps[role] = _temp_in(folder, paths[role])
+                current = paths[role]
+                temps[role] = _temp_in(folder, current)
                 manifest[role] = digest(_write_verified(temps[role], payload))
             meta = seal(dict(sidecar, **{FILES: manifest}))
-            temps[layout.SIDECAR] = _temp_in(folder, paths[layout.SIDECAR])
+            current = paths[layout.SIDECAR]
+            temps[layout.SIDECAR] = _temp_in(folder, current)
             _write_verified(temps[layout.SIDECAR], json.dumps(meta, indent=1))
             for role, tmp in temps.items():  # the sidecar last: it commits the unit
-                os.replace(tmp, paths[role])
+                current = paths[role]
+                os.replace(tmp, current)
                 renamed += 1
+            current = folder
             _remove_stale(paths, payloads)
             _fsync(folder)
         except (OSError, mx.base.MXNetError) as err:
-            raise _write_error(prefix, err, renamed) from err
+            raise _write_error(prefix, current, err, renamed) from err
         finally:
             for tmp in temps.values():
                 if os.path.exists(tmp):
@@ -235,13 +239,12 @@ def _remove_stale(paths: Dict[str, str], payloads: Dict[str, Payload]) -> None:
         os.remove(stale)
 
 
-def _write_error(prefix: str, err: Exception, renamed: int) -> OSError:
+def _write_error(prefix: str, path: str, err: Exception, renamed: int) -> OSError:
     reason = err.strerror if isinstance(err, OSError) and err.strerror else first_line(err)
-    where = (' (%s)' % err.filename) if getattr(err, 'filename', None) else ''
     state = ('the files at that prefix are unchanged' if renamed == 0 else
              'the export is incomplete and load() refuses it: export again')
-    return OSError('prefix: cannot write the export %r: %s%s; %s'
-                   % (prefix, reason, where, state))
+    return OSError('prefix: cannot write the export %r: %r: %s; %s'
+                   % (prefix, path, reason, state))
 
 
 # ---------------------------------------------------------------------------------------

@@ -91,8 +91,7 @@ class CalibrationTable:
             atomic_write_text(os.fspath(path), json.dumps(self.to_dict(), indent=1,
                                                           sort_keys=True))
         except OSError as err:
-            raise OSError('calib_table: cannot write %r (%s)'
-                          % (os.fspath(path), err.strerror or err)) from err
+            raise OSError('calib_table: %s' % err) from err
 
     @classmethod
     def load(cls, path) -> 'CalibrationTable':
@@ -268,17 +267,20 @@ def check_reuse(table: CalibrationTable, layers: Iterable[str], quantize_inputs:
 
 def atomic_write_text(path: str, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file in the same folder, fsynced,
-    and a rename: ``path`` is never left half-written. Raises the OSError of the write."""
+    and a rename: ``path`` is never left half-written. OSError naming ``path``."""
     folder, name = os.path.split(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix='.%s.' % name, suffix='.tmp', dir=folder)
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix='.%s.' % name, suffix='.tmp', dir=folder)
         with os.fdopen(fd, 'w') as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as err:
+        raise OSError('cannot write %r (%s)' % (path, err.strerror or err)) from err
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.remove(tmp)
 
 

@@ -117,7 +117,9 @@ def _result(proc):
 
 def _check_previous_model_kept(result, prefix):
     assert result['raised'] is not None, 'the export of B returned normally'
-    assert 'prefix' in result['raised'] and prefix in result['raised']
+    assert result['raised'].startswith("OSError: prefix: cannot write the export '%s': "
+                                       "'%s-0000.params': " % (prefix, prefix))
+    assert result['raised'].endswith('; the files at that prefix are unchanged')
     assert result['a_loads'] is True and result['a_imports'] is True
     assert result['leftovers'] == []
 

@@ -39,6 +39,7 @@ import numpy as np
 
 from . import layout
 from .errors import first_line
+from .sidecar import VERSION as SIDECAR_VERSION
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +107,8 @@ def locked(prefix: str, shared: bool = False):
         if not shared:
             raise OSError('prefix: cannot create the lock file %r of export prefix %r (%s)'
                           % (path, prefix, err.strerror)) from err
+        fd = None
+    if fd is None:
         yield
         return
     try:
@@ -186,44 +189,24 @@ def _check_other_epochs(prefix: str, epoch: int, symbol_text: str) -> None:
             'first' % (prefix, others, path, epoch))
 
 
-def _temp_in(folder: str, final: str) -> str:
-    fd, tmp = tempfile.mkstemp(prefix='.%s.' % os.path.basename(final), suffix='.tmp',
-                               dir=folder)
-    os.close(fd)
-    return tmp
-
-
 def write_export(prefix: str, epoch: int, payloads: Dict[str, Payload],
                  sidecar: dict) -> List[str]:
     """Write one export unit: ``payloads`` (role -> text or arrays, at least the symbol
     text) and ``sidecar``, which gets the manifest of the others and is written last.
-    Returns the written paths. Raises OSError naming the prefix when a file cannot be
-    written; the files at the prefix are then as they were."""
+    Returns the written paths. Raises OSError naming the prefix and the file when one
+    cannot be written; unless it happened during the final renames, the files at the
+    prefix are then as they were."""
     paths = layout.export_files(prefix, epoch)
-    folder = os.path.dirname(os.path.abspath(prefix))
     temps: Dict[str, str] = {}
-    renamed, current = 0, folder
     with locked(prefix):
         _check_other_epochs(prefix, epoch, payloads[layout.SYMBOL])
         try:
-            manifest = {}
-            for role, payload in payloads.items():
-                current = paths[role]
-                temps[role] = _temp_in(folder, current)
-                manifest[role] = digest(_write_verified(temps[role], payload))
+            manifest = {role: _stage(prefix, paths[role], payload, temps, role)
+                        for role, payload in payloads.items()}
             meta = seal(dict(sidecar, **{FILES: manifest}))
-            current = paths[layout.SIDECAR]
-            temps[layout.SIDECAR] = _temp_in(folder, current)
-            _write_verified(temps[layout.SIDECAR], json.dumps(meta, indent=1))
-            for role, tmp in temps.items():  # the sidecar last: it commits the unit
-                current = paths[role]
-                os.replace(tmp, current)
-                renamed += 1
-            current = folder
-            _remove_stale(paths, payloads)
-            _fsync(folder)
-        except (OSError, mx.base.MXNetError) as err:
-            raise _write_error(prefix, current, err, renamed) from err
+            _stage(prefix, paths[layout.SIDECAR], json.dumps(meta, indent=1), temps,
+                   layout.SIDECAR)
+            _commit(prefix, paths, temps, payloads)
         finally:
             for tmp in temps.values():
                 if os.path.exists(tmp):
@@ -231,18 +214,34 @@ def write_export(prefix: str, epoch: int, payloads: Dict[str, Payload],
     return [paths[role] for role in temps]
 
 
-def _remove_stale(paths: Dict[str, str], payloads: Dict[str, Payload]) -> None:
-    """An optional file (the FP32 reference) of an earlier export at this epoch that
-    this one does not write."""
-    stale = paths[layout.FP32]
+def _stage(prefix: str, final: str, payload: Payload, temps: Dict[str, str], role: str) -> dict:
+    """``payload`` written and verified under a temporary name next to ``final``
+    (recorded in ``temps``); returns its manifest entry."""
+    try:
+        folder, name = os.path.split(os.path.abspath(final))
+        fd, temps[role] = tempfile.mkstemp(prefix='.%s.' % name, suffix='.tmp', dir=folder)
+        os.close(fd)
+        return digest(_write_verified(temps[role], payload))
+    except (OSError, mx.base.MXNetError) as err:
+        raise _write_error(prefix, final, err, 'the files at that prefix are unchanged') from err
+
+
+def _commit(prefix: str, paths: Dict[str, str], temps: Dict[str, str], payloads) -> None:
+    """Rename every staged file into place, the sidecar last: it commits the unit."""
+    for role, tmp in temps.items():
+        try:
+            os.replace(tmp, paths[role])
+        except OSError as err:
+            raise _write_error(prefix, paths[role], err, 'the export is incomplete and load() '
+                               'refuses it: export again') from err
+    stale = paths[layout.FP32]  # the FP32 reference of an earlier export at this epoch
     if layout.FP32 not in payloads and os.path.isfile(stale):
         os.remove(stale)
+    _fsync(os.path.dirname(os.path.abspath(prefix)))
 
 
-def _write_error(prefix: str, path: str, err: Exception, renamed: int) -> OSError:
+def _write_error(prefix: str, path: str, err: Exception, state: str) -> OSError:
     reason = err.strerror if isinstance(err, OSError) and err.strerror else first_line(err)
-    state = ('the files at that prefix are unchanged' if renamed == 0 else
-             'the export is incomplete and load() refuses it: export again')
     return OSError('prefix: cannot write the export %r: %r: %s; %s'
                    % (prefix, path, reason, state))
 
@@ -263,7 +262,7 @@ def _parse_sidecar(path: str, data: bytes) -> dict:
         meta = json.loads(data.decode('utf-8'))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ValueError('prefix: %r is truncated or corrupted (%s)' % (path, err)) from err
-    if not isinstance(meta, dict) or meta.get('format_version') not in (1, 2):
+    if not isinstance(meta, dict) or meta.get('format_version') not in (1, SIDECAR_VERSION):
         raise ValueError('prefix: %r is not a gluon-int8 sidecar' % path)
     return meta
 

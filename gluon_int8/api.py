@@ -14,6 +14,7 @@ Options are validated here, once, before any work is done.
 import dataclasses
 import itertools
 import logging
+import os
 from typing import Optional, Sequence, Union
 
 from mxnet.gluon import HybridBlock
@@ -25,7 +26,8 @@ from .collectors import DEFAULT_NUM_BINS, Collector, HistogramCollector, MinMaxC
 from .data import iter_batches
 from .pipeline import SELF_CHECKS, Prepared
 from .quantize_graph import GRANULARITIES, quantize_node_inputs
-from .table import CalibrationTable, optional_table
+from .table import (CalibrationTable, check_ranges, check_reuse, check_table_argument,
+                    optional_table, table_source, warn_tiny_ranges)
 from .thresholds import THRESHOLDS
 from .trace import count_inputs
 
@@ -51,6 +53,7 @@ class Options:
     percentile: float
     num_bins: int
     self_check: str = 'warn'
+    allow_table_mismatch: bool = False
 
     @property
     def mode_name(self) -> str:
@@ -105,13 +108,20 @@ def _mode(value) -> Union[str, Collector]:
 def validate(mode='entropy', quantized_dtype='auto', granularity='tensor', quantize_mode='full',
              exclude_layers=None, exclude_layers_match=None, exclude_operators=None,
              num_calib_batches=None, num_calib_examples=None, percentile=99.99,
-             num_bins=DEFAULT_NUM_BINS, self_check='warn') -> Options:
+             num_bins=DEFAULT_NUM_BINS, self_check='warn',
+             allow_table_mismatch=False) -> Options:
     """Check every option once; errors name the parameter, the value and what is allowed."""
     if isinstance(percentile, bool) or not isinstance(percentile, (int, float)) \
             or not 0 < percentile <= 100:
         raise ValueError('percentile: got %r; expected a number in (0, 100]' % (percentile,))
-    if isinstance(num_bins, bool) or not isinstance(num_bins, int) or num_bins < 256:
-        raise ValueError('num_bins: got %r; expected an int >= 256' % (num_bins,))
+    if isinstance(num_bins, bool) or not isinstance(num_bins, int) or num_bins < 256 \
+            or num_bins & (num_bins - 1):
+        raise ValueError('num_bins: got %r; expected a power of two >= 256 (1024, 2048, ...): '
+                         'the histograms double their range by merging pairs of bins'
+                         % (num_bins,))
+    if not isinstance(allow_table_mismatch, bool):
+        raise TypeError('allow_table_mismatch: got %r; expected True or False'
+                        % (allow_table_mismatch,))
     return Options(_mode(mode), _choice('quantized_dtype', quantized_dtype, QUANTIZED_DTYPES),
                    _choice('granularity', granularity, tuple(GRANULARITIES)),
                    _choice('quantize_mode', quantize_mode, QUANTIZE_MODES),
@@ -120,7 +130,7 @@ def validate(mode='entropy', quantized_dtype='auto', granularity='tensor', quant
                    _names('exclude_operators', exclude_operators),
                    _count('num_calib_batches', num_calib_batches),
                    _count('num_calib_examples', num_calib_examples), float(percentile), num_bins,
-                   _choice('self_check', self_check, SELF_CHECKS))
+                   _choice('self_check', self_check, SELF_CHECKS), allow_table_mismatch)
 
 
 def quantize_net(block: HybridBlock, calib_data=None, mode='entropy', *,
@@ -129,7 +139,7 @@ def quantize_net(block: HybridBlock, calib_data=None, mode='entropy', *,
                  exclude_operators=None, num_calib_batches: Optional[int] = None,
                  num_calib_examples: Optional[int] = None, percentile: float = 99.99,
                  num_bins: int = DEFAULT_NUM_BINS, calib_table=None, self_check: str = 'warn',
-                 progress: bool = False) -> QuantizedBlock:
+                 progress: bool = False, allow_table_mismatch: bool = False) -> QuantizedBlock:
     """Quantize a Gluon HybridBlock to INT8 and return a drop-in ``QuantizedBlock``.
 
     Parameters
@@ -159,10 +169,15 @@ def quantize_net(block: HybridBlock, calib_data=None, mode='entropy', *,
     percentile : float
         For ``mode='percentile'``: percentile of |x| used as threshold.
     num_bins : int
-        Histogram bins for the histogram-based modes.
-    calib_table : str or CalibrationTable
-        With ``calib_data``: a path where the table is saved. Without: the table (or its
-        path) to quantize from, with no data.
+        Histogram bins for the histogram-based modes: a power of two >= 256.
+    calib_table : str, os.PathLike or CalibrationTable
+        With ``calib_data``: a path (str or path-like) where the table is saved; a
+        ``CalibrationTable`` object together with data is a ``ValueError`` (calibrate,
+        or quantize from the table?). Without data: the table, or its path, to quantize
+        from. A table is checked against this network and call: layers, valid ranges,
+        negative ranges with ``quantized_dtype='uint8'`` (always refused), and its
+        network fingerprint, mode and quantized_dtype (refused unless
+        ``allow_table_mismatch``).
     self_check : {'warn', 'fallback', 'off'}
         Before returning, every INT8 layer is compared with its FP32 op on its own INT8
         inputs from the first calibration batch (:mod:`gluon_int8.selfcheck`). A layer
@@ -171,6 +186,10 @@ def quantize_net(block: HybridBlock, calib_data=None, mode='entropy', *,
         skips the check. Without calibration data there is nothing to check.
     progress : bool
         Show a tqdm progress bar over the calibration batches.
+    allow_table_mismatch : bool
+        Quantize from a ``calib_table`` of another network (other fingerprint: other
+        graph or weights), another mode or quantized_dtype, or without a fingerprint,
+        with a warning instead of a ``ValueError``.
 
     Raises
     ------
@@ -183,7 +202,9 @@ def quantize_net(block: HybridBlock, calib_data=None, mode='entropy', *,
                         'can be traced into a graph' % type(block).__name__)
     opts = validate(mode, quantized_dtype, granularity, quantize_mode, exclude_layers,
                     exclude_layers_match, exclude_operators, num_calib_batches,
-                    num_calib_examples, percentile, num_bins, self_check)
+                    num_calib_examples, percentile, num_bins, self_check,
+                    allow_table_mismatch)
+    calib_table = check_table_argument(calib_table, calib_data is not None)
     batches = _batches(block, calib_data, opts, calib_table)
     first = next(batches) if batches is not None else None
     if first is not None:
@@ -218,7 +239,9 @@ def _batches(block, calib_data, opts: Options, calib_table):
 
 def _length(calib_data, opts: Options) -> Optional[int]:
     """Number of calibration batches for the progress bar, when it can be known."""
-    known = len(calib_data) if hasattr(calib_data, '__len__') and not hasattr(calib_data, 'shape') else None
+    known = (len(calib_data) if hasattr(calib_data, '__len__')
+             and not isinstance(calib_data, (str, bytes, os.PathLike))
+             and not hasattr(calib_data, 'shape') else None)
     if opts.num_calib_batches is not None:
         return min(known, opts.num_calib_batches) if known is not None else opts.num_calib_batches
     return known
@@ -229,21 +252,30 @@ def _calibration_table(prepared: Prepared, batches, opts: Options, calib_table, 
     """Calibrate from data (saving the table if a path was given), or load a table."""
     if opts.mode == 'none' and batches is None and calib_table is None:
         return None
+    quantize_inputs = quantize_node_inputs(prepared.plan.qsym)
     if batches is None:
         table = optional_table(calib_table)
-        table.check_layers(prepared.plan.calib_layers, prepared.statistics_layers())
+        check_reuse(table, prepared.plan.calib_layers, quantize_inputs,
+                    prepared.traced.fingerprint(), opts.mode_name, opts.quantized_dtype,
+                    opts.allow_table_mismatch, table_source(calib_table))
         return table
     stats = pipeline.calibrate(prepared, batches, opts.new_collector(), progress, total)
-    table = table_from_stats(stats, opts, quantize_node_inputs(prepared.plan.qsym),
-                             prepared.data_names)
-    if isinstance(calib_table, str):
+    table = table_from_stats(stats, opts, quantize_inputs, prepared.data_names,
+                             prepared.traced.fingerprint())
+    if calib_table is not None:  # a path: check_table_argument refused a table with data
         table.save(calib_table)
         log.info('saved calibration table to %s', calib_table)
     return table
 
 
-def table_from_stats(stats, opts: Options, quantize_inputs, input_layers) -> CalibrationTable:
+def table_from_stats(stats, opts: Options, quantize_inputs, input_layers,
+                     fingerprint: Optional[str] = None) -> CalibrationTable:
     """Statistics -> calibration table, the one way ``quantize_net`` and ``tune`` (which
-    builds many tables from one calibration pass) both take."""
-    return make_table(stats, opts.mode_name, opts.quantized_dtype, quantize_inputs,
-                      input_layers, **opts.threshold_options())
+    builds many tables from one calibration pass) both take; ``fingerprint`` binds it to
+    the network calibrated (:func:`gluon_int8.table.fingerprint`)."""
+    table = make_table(stats, opts.mode_name, opts.quantized_dtype, quantize_inputs,
+                       input_layers, **opts.threshold_options())
+    table.fingerprint = fingerprint
+    check_ranges(table, 'calibration')
+    warn_tiny_ranges(table)
+    return table

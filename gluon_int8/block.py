@@ -1,18 +1,20 @@
 """Stage 5, build: the drop-in INT8 ``QuantizedBlock`` and its export/load.
 
 ``QuantizedBlock`` is an ``mx.gluon.SymbolBlock``: same positional inputs and same
-(nested) outputs as the network it came from. ``export(prefix)`` writes
+(nested) outputs as the network it came from. ``export(prefix, epoch)`` writes (names in
+:mod:`gluon_int8.layout`)
 
 * ``prefix-symbol.json`` and ``prefix-0000.params``: plain MXNet loads them with
   ``SymbolBlock.imports`` (the params use gluon's ``arg:``/``aux:`` keys);
-* ``prefix-quantization.json``: the calibration table and the per-layer summary, which
-  :func:`load` restores;
+* ``prefix-quantization.json`` (one per epoch): the calibration table and the per-layer
+  summary, which :func:`load` restores (:mod:`gluon_int8.sidecar`), and the manifest;
 * ``prefix-fp32.params``: the FP32 values the INT8 graph does not hold, which with the
   fused FP32 graph in the sidecar let a loaded block run :meth:`QuantizedBlock.report`
   (a separate file: plain ``SymbolBlock.imports`` refuses extra parameters).
 
-Every file is written to a temporary name in the target folder and renamed into place,
-so a crash mid-write never leaves a half-written model behind.
+The files are one unit (:mod:`gluon_int8.store`): written under a lock, each verified
+before any of them replaces a file of the previous export, the sidecar with every
+file's checksum written last, and checked against it by :func:`load`.
 """
 import json
 import logging
@@ -23,15 +25,15 @@ import mxnet as mx
 from mxnet.gluon import SymbolBlock
 from mxnet.gluon.block import _regroup
 
-from . import weights
+from . import layout, store, weights
+from .errors import first_line
 from .quantize_graph import LayerInfo
 from .report import FP32Graph, Report, layer_report
-from .table import CalibrationTable, _tmp_path, atomic_write_text
+from .sidecar import Sidecar, graph_symbol
+from .table import CalibrationTable
 from .trace import build_symbol_block
 
 log = logging.getLogger(__name__)
-
-SIDECAR_VERSION = 1
 
 
 class QuantizedBlock(SymbolBlock):
@@ -95,8 +97,14 @@ class QuantizedBlock(SymbolBlock):
 
     def export(self, path, epoch=0, remove_amp_cast=True, int8_weights=True,
                fp32_reference=False):
-        """Write ``path-symbol.json``, ``path-%04d.params`` and ``path-quantization.json``
-        atomically; return the list of written paths.
+        """Write ``path-symbol.json``, ``path-%04d.params`` and the epoch's sidecar as
+        one unit; return the list of written paths.
+
+        Every file is verified on disk before any file of a previous export is replaced;
+        a failure raises ``OSError`` naming ``path`` and leaves the previous export as it
+        was. Exports to one prefix from several processes take turns (a file lock).
+        Every epoch shares ``path-symbol.json`` (MXNet's layout): exporting a different
+        graph at a new epoch of a prefix that holds other epochs raises ``ValueError``.
 
         With ``int8_weights`` (default) conv/FC weights are stored as int8 plus per-channel
         scales (about a quarter of the FP32 file) and the graph dequantizes them: plain
@@ -111,14 +119,10 @@ class QuantizedBlock(SymbolBlock):
         deployment export does not want.
         """
         del remove_amp_cast  # the INT8 graph has no AMP casts
+        path = os.fspath(path)
+        layout.check_epoch(epoch)
+        _check_folder(path)
         fast_symbol = self._cached_graph[1]
-        directory = os.path.dirname(os.path.abspath(path))
-        if not os.path.isdir(directory):
-            raise ValueError('prefix: folder %r of export prefix %r does not exist'
-                             % (directory, path))
-        if not os.access(directory, os.W_OK):
-            raise ValueError('prefix: folder %r of export prefix %r is not writable'
-                             % (directory, path))
         arg_names = set(fast_symbol.list_arguments())
         data_names = {s.name for s in self._cached_graph[0]}
         int8_names = set(self.int8_weight_names if int8_weights else ())
@@ -129,77 +133,51 @@ class QuantizedBlock(SymbolBlock):
             kind = 'arg' if name in arg_names else 'aux'
             if name not in data_names and name not in int8_names:
                 params['%s:%s' % (kind, name)] = value
-        files = {'%s-symbol.json' % path: lambda tmp: symbol.save(tmp),
-                 '%s-%04d.params' % (path, epoch): lambda tmp: mx.nd.save(tmp, params)}
+        payloads = {layout.SYMBOL: store.canonical_json(symbol), layout.PARAMS: params}
         fp32 = self.fp32_graph if fp32_reference else None
         if fp32 is not None:
-            files['%s-fp32.params' % path] = lambda tmp: mx.nd.save(
-                tmp, {'arg:%s' % k: v for k, v in fp32.params.items()})
-        temps = []
-        try:
-            for final, write in files.items():
-                tmp = _tmp_path(final)
-                temps.append(tmp)
-                write(tmp)
-            for (final, _), tmp in zip(files.items(), temps):
-                os.replace(tmp, final)
-        except (OSError, mx.base.MXNetError) as err:
-            raise ValueError('prefix: cannot write the export %r (%s)' % (path, err)) from err
-        finally:
-            for tmp in temps:
-                if os.path.exists(tmp):
-                    os.remove(tmp)
-        sidecar = '%s-quantization.json' % path
-        atomic_write_text(sidecar, json.dumps(self._sidecar(sorted(int8_names), fp32), indent=1))
-        written = list(files) + [sidecar]
+            payloads[layout.FP32] = {'arg:%s' % k: v for k, v in fp32.params.items()}
+        written = store.write_export(path, epoch, payloads,
+                                     self._sidecar(sorted(int8_names), fp32).to_dict())
         log.info('exported INT8 model: %s', ', '.join(written))
         return written
 
-    def _sidecar(self, int8_names, fp32: Optional[FP32Graph] = None) -> dict:
-        return {'format_version': SIDECAR_VERSION,
-                'data_names': [s.name for s in self._cached_graph[0]],
-                'out_format': self._user_out_format,
-                'int8_weights': int8_names,
-                # the graph without the dequantize nodes, for load() to fold the weights
-                # once; without int8 weights the symbol file is that graph already
-                'graph': json.loads(self._cached_graph[1].tojson()) if int8_names else None,
-                'calib_table': self.calib_table.to_dict() if self.calib_table else None,
-                'layers': [row.to_dict() for row in self.layers],
-                'fp32_graph': json.loads(fp32.symbol.tojson()) if fp32 is not None else None}
+    def _sidecar(self, int8_names, fp32: Optional[FP32Graph] = None) -> Sidecar:
+        # the graph without the dequantize nodes, for load() to fold the weights once;
+        # without int8 weights the symbol file is that graph already
+        return Sidecar([s.name for s in self._cached_graph[0]], self._user_out_format,
+                       int8_names,
+                       store.canonical_graph(self._cached_graph[1]) if int8_names else None,
+                       self.calib_table, self.layers,
+                       store.canonical_graph(fp32.symbol) if fp32 is not None else None)
 
 
-def _first_line(err: Exception) -> str:
-    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+def _check_folder(prefix: str) -> None:
+    directory = os.path.dirname(os.path.abspath(prefix))
+    if not os.path.isdir(directory):
+        raise ValueError('prefix: folder %r of export prefix %r does not exist'
+                         % (directory, prefix))
+    if not os.access(directory, os.W_OK):
+        raise ValueError('prefix: folder %r of export prefix %r is not writable'
+                         % (directory, prefix))
 
 
-def _read_sidecar(path: str) -> dict:
+def _parse_symbol(data: bytes, path: str) -> mx.sym.Symbol:
     try:
-        with open(path) as f:
-            meta = json.load(f)
-    except json.JSONDecodeError as err:
-        raise ValueError('prefix: %r is truncated or corrupted (%s)' % (path, err)) from err
-    if not isinstance(meta, dict) or meta.get('format_version') != SIDECAR_VERSION:
-        raise ValueError('prefix: %r is not a gluon-int8 sidecar' % path)
-    return meta
-
-
-def _read_symbol(path: str) -> mx.sym.Symbol:
-    try:
-        with open(path, 'rb') as f:
-            text = f.read().decode('utf-8')
+        text = data.decode('utf-8')
         json.loads(text)
         return mx.sym.load_json(text)
     except (UnicodeDecodeError, json.JSONDecodeError, mx.base.MXNetError) as err:
         raise ValueError('prefix: %r is truncated or corrupted (%s)'
-                         % (path, _first_line(err))) from err
+                         % (path, first_line(err))) from err
 
 
-def _read_params(path: str) -> dict:
+def _parse_params(data: bytes, path: str) -> dict:
     try:
-        saved = mx.nd.load(path)
+        saved = mx.nd.load_frombuffer(data)
     except mx.base.MXNetError as err:
         raise ValueError('prefix: %r is truncated or corrupted (%s)'
-                         % (path, _first_line(err))) from err
+                         % (path, first_line(err))) from err
     if not saved:  # mx.nd.save of no arrays loads back as an empty list
         return {}
     if not isinstance(saved, dict):
@@ -207,52 +185,77 @@ def _read_params(path: str) -> dict:
     return {k.split(':', 1)[-1]: v for k, v in saved.items()}
 
 
-def _read_fp32_graph(prefix: str, meta: dict) -> Optional[FP32Graph]:
+def _fp32_graph(meta: Sidecar, blobs: dict, paths: dict) -> Optional[FP32Graph]:
     """The FP32 graph of an export (None when it was exported without one)."""
-    graph = meta.get('fp32_graph')
-    if graph is None:
+    if meta.fp32_graph is None:
         return None
-    path = '%s-fp32.params' % prefix
-    if not os.path.isfile(path):
-        log.warning('prefix: %r has no file %r; the model loads, but report() needs it',
-                    prefix, path)
+    if layout.FP32 not in blobs:
+        log.warning('prefix: no file %r; the model loads, but report() needs it',
+                    paths[layout.FP32])
         return None
-    return FP32Graph(mx.sym.load_json(json.dumps(graph)), _read_params(path))
+    return FP32Graph(graph_symbol(meta.fp32_graph, paths[layout.SIDECAR], 'fp32_graph'),
+                     _parse_params(blobs[layout.FP32], paths[layout.FP32]))
+
+
+def _int8_graph(meta: Sidecar, symbol: mx.sym.Symbol, stored: dict, paths: dict):
+    """The graph the sidecar describes, checked to be the symbol file's graph without
+    its dequantize nodes."""
+    graph = graph_symbol(meta.graph, paths[layout.SIDECAR], 'graph')
+    shapes = {n: stored[n + weights.INT8_SUFFIX] for n in meta.int8_weights}
+    rebuilt = store.canonical_json(weights.with_dequantize_nodes(graph, shapes,
+                                                                 meta.int8_weights))
+    if rebuilt != store.canonical_json(symbol):
+        raise ValueError('prefix: %r is not the graph %r describes (with int8 weights); '
+                         'the two files come from different exports'
+                         % (paths[layout.SYMBOL], paths[layout.SIDECAR]))
+    return graph
 
 
 def load(prefix: str, epoch: int = 0) -> QuantizedBlock:
     """Load an export of :meth:`QuantizedBlock.export` with its table and layer summary.
 
-    INT8 weights are dequantized once here (the graph of the sidecar has no dequantize
-    nodes), so the loaded block runs as fast as the one ``quantize_net`` returned.
+    The files are checked against the manifest in the sidecar first: a set whose files
+    come from different exports, or were truncated or changed, is refused with a
+    ``ValueError`` naming them. INT8 weights are dequantized once here (the graph of the
+    sidecar has no dequantize nodes), so the loaded block runs as fast as the one
+    ``quantize_net`` returned.
     """
-    sym_file, params_file = '%s-symbol.json' % prefix, '%s-%04d.params' % (prefix, epoch)
-    sidecar_file = '%s-quantization.json' % prefix
-    for f in (sym_file, params_file, sidecar_file):
-        if not os.path.isfile(f):
-            raise ValueError('prefix: %r has no file %r' % (prefix, f))
-    meta = _read_sidecar(sidecar_file)
-    symbol = _read_symbol(sym_file)
-    values = _read_params(params_file)
-    int8_names = meta.get('int8_weights') or []
-    stored = {k: values.pop(k) for n in int8_names
+    prefix = os.fspath(prefix)
+    layout.check_epoch(epoch)
+    paths = layout.export_files(prefix, epoch)
+    raw, blobs = store.read_export(prefix, epoch)
+    meta = Sidecar.from_dict(raw, paths[layout.SIDECAR])
+    symbol = _parse_symbol(blobs[layout.SYMBOL], paths[layout.SYMBOL])
+    values = _parse_params(blobs[layout.PARAMS], paths[layout.PARAMS])
+    stored = {k: values.pop(k) for n in meta.int8_weights
               for k in (n + weights.INT8_SUFFIX, n + weights.SCALE_SUFFIX) if k in values}
-    if int8_names:
-        missing = [n for n in int8_names if n + weights.INT8_SUFFIX not in stored]
+    if meta.int8_weights:
+        missing = [n for n in meta.int8_weights if n + weights.INT8_SUFFIX not in stored
+                   or n + weights.SCALE_SUFFIX not in stored]
         if missing:
-            raise ValueError('prefix: %r lacks the int8 weights of %s' % (params_file, missing))
-        values.update(weights.fold(stored, int8_names))
-        symbol = mx.sym.load_json(json.dumps(meta['graph']))
-    missing = sorted(set(symbol.list_inputs()) - set(values) - set(meta['data_names']))
-    if missing:
-        raise ValueError('prefix: %r lacks parameters %s of the graph' % (params_file, missing))
-    table = meta.get('calib_table')
+            raise ValueError('prefix: %r lacks the int8 weights of %s'
+                             % (paths[layout.PARAMS], missing))
+        values.update(weights.fold(stored, meta.int8_weights))
+        symbol = _int8_graph(meta, symbol, stored, paths)
+    _check_graph_inputs(symbol, values, meta, paths)
     block = build_symbol_block(
-        symbol, meta['data_names'], values, {}, cls=QuantizedBlock,
-        calib_table=CalibrationTable.from_dict(table, source=sidecar_file) if table else None,
-        layers=[LayerInfo(r['name'], r['op'], r['dtype'], r['reason'], tuple(r['layers']))
-                for r in meta.get('layers', [])],
-        out_format=meta.get('out_format'),  # gluon's format: ints and lists, as JSON keeps them
-        int8_weights=stored, fp32_graph=_read_fp32_graph(prefix, meta))
+        symbol, meta.data_names, values, {}, cls=QuantizedBlock, calib_table=meta.calib_table,
+        layers=meta.layers, out_format=meta.out_format, int8_weights=stored,
+        fp32_graph=_fp32_graph(meta, blobs, paths))
     block.hybridize(static_alloc=True, static_shape=True)
     return block
+
+
+def _check_graph_inputs(symbol: mx.sym.Symbol, values: dict, meta: Sidecar, paths: dict):
+    unknown = sorted(set(meta.data_names) - set(symbol.list_inputs()))
+    if unknown:
+        raise ValueError('prefix: %r names inputs %s that the graph does not have'
+                         % (paths[layout.SIDECAR], unknown))
+    missing = sorted(set(symbol.list_inputs()) - set(values) - set(meta.data_names))
+    if missing:
+        raise ValueError('prefix: %r lacks parameters %s of the graph'
+                         % (paths[layout.PARAMS], missing))
+    count = meta.num_outputs()
+    if count is not None and count != len(symbol.list_outputs()):
+        raise ValueError('prefix: %r describes %d outputs; the graph has %d'
+                         % (paths[layout.SIDECAR], count, len(symbol.list_outputs())))

@@ -21,6 +21,7 @@ from mxnet.base import NDArrayHandle, py_str
 
 from .collectors import Collector, LayerStats
 from .data import Batch
+from .errors import first_line
 from .quantize_graph import graph_outputs
 from .table import CalibrationTable
 from .thresholds import get_threshold_fn, naive_threshold
@@ -87,7 +88,7 @@ def run_hooked(block, hook: OpHook, batch: Batch, param: str, index: int) -> Non
     except mx.base.MXNetError as err:
         raise ValueError('%s: batch %d with shapes %s does not fit the network: %s'
                          % (param, index, [tuple(b.shape) for b in batch],
-                            str(err).strip().splitlines()[0])) from err
+                            first_line(err))) from err
     if hook.error is not None:
         raise hook.error
 

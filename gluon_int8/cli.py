@@ -18,7 +18,11 @@ image folder (one subfolder per class; a flat folder for calibration) or a Recor
 zoo preset of ``--model``, else ``imagenet``); ``--calib-data`` also takes a
 ``.npy``/``.npz`` file of float32 NCHW batches, or ``random`` (uniform noise: for speed
 work only, never for accuracy). ``evaluate`` takes INT8 exports of gluon-int8 and plain
-FP32 exports alike.
+FP32 exports alike. ``op-table`` measures MXNet's INT8 kernels on this machine.
+
+A user error (a missing file, a folder that cannot be written, a bad value) is one line
+naming the argument on stderr and exit status 2, checked before any long work starts; a
+file that cannot be written or read at run time is one line and exit status 1.
 """
 import argparse
 import dataclasses
@@ -35,11 +39,63 @@ from .datasets import (BAD_IMAGES, CHANNEL_ORDERS, IMAGENET, LAYOUTS, PREPROCESS
 from .quantize_graph import GRANULARITIES
 
 
+class UsageError(ValueError):
+    """A bad command line, reported as one line with exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors raised (one line) instead of printed with the usage."""
+
+    def error(self, message):
+        raise UsageError('%s: error: %s' % (self.prog, message))
+
+
 def _shape(text):
     try:
-        return tuple(int(v) for v in text.split(','))
-    except ValueError as err:
-        raise argparse.ArgumentTypeError('expected comma-separated ints, got %r' % text) from err
+        shape = tuple(int(v) for v in text.split(','))
+    except ValueError:
+        shape = ()
+    if not shape or min(shape) < 1:
+        raise argparse.ArgumentTypeError('expected comma-separated positive ints, got %r' % text)
+    return shape
+
+
+def _positive(text):
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError('got %r; expected a positive int' % text)
+    return value
+
+
+def _writable_folder(option: str, path: str) -> None:
+    """Create the folder of ``path`` if needed; UsageError unless it can be written."""
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as err:
+        raise UsageError('%s: folder %r cannot be created (%s)'
+                         % (option, folder, err.strerror or err)) from err
+    if not os.access(folder, os.W_OK):
+        raise UsageError('%s: folder %r is not writable' % (option, folder))
+
+
+def _load_array(option: str, path: str) -> np.ndarray:
+    """The first array of a .npy/.npz file."""
+    if not os.path.isfile(path):
+        raise UsageError('%s: no such file %r' % (option, path))
+    try:
+        loaded = np.load(path)
+    except (OSError, ValueError) as err:
+        raise UsageError('%s: %r is not a .npy/.npz file of arrays (%s)'
+                         % (option, path, err)) from err
+    if hasattr(loaded, 'files'):
+        if not loaded.files:
+            raise UsageError('%s: %r holds no arrays' % (option, path))
+        return loaded[loaded.files[0]]
+    return loaded
 
 
 def _floats(text):
@@ -79,6 +135,10 @@ def _images(args, path, preprocess, shuffle=False):
 
 def _load_fp32(args):
     import mxnet as mx
+    for path in (args.prefix + '-symbol.json', args.prefix + '-0000.params'):
+        if not os.path.isfile(path):
+            raise UsageError('--prefix: no file %r (an FP32 export is prefix-symbol.json '
+                             'and prefix-0000.params)' % path)
     return mx.gluon.SymbolBlock.imports(args.prefix + '-symbol.json', ['data'],
                                         args.prefix + '-0000.params')
 
@@ -94,11 +154,7 @@ def _calib_data(args, input_shape, preprocess):
         return _batches(data, args.batch_size)
     if _is_images(args.calib_data):
         return _images(args, args.calib_data, _preprocess(args, preprocess), shuffle=True)
-    if not os.path.isfile(args.calib_data):
-        raise SystemExit('--calib-data: no such file %r' % args.calib_data)
-    loaded = np.load(args.calib_data)
-    return _batches(loaded[loaded.files[0]] if hasattr(loaded, 'files') else loaded,
-                    args.batch_size)
+    return _batches(_load_array('--calib-data', args.calib_data), args.batch_size)
 
 
 def _batches(array, batch_size):
@@ -113,15 +169,24 @@ def _quantize_options(args):
                    exclude_operators=args.exclude_operators,
                    num_calib_batches=args.num_calib_batches, percentile=args.percentile,
                    num_bins=args.num_bins, calib_table=args.calib_table,
-                   progress=not args.quiet)
+                   progress=not args.quiet,
+                   allow_table_mismatch=args.allow_table_mismatch or None)
     return {k: v for k, v in options.items() if v is not None}
 
 
 def cmd_quantize(args):
     import gluon_int8
+    _writable_folder('--out', args.out)
+    if args.calib_table and args.calib_data:
+        _writable_folder('--calib-table', args.calib_table)
     options = _quantize_options(args)
     if args.model:  # through the zoo preset: its input shape, preprocessing and options
         from . import zoo
+        if args.pretrained:
+            try:
+                zoo.check_pretrained_local(args.model)
+            except RuntimeError as err:
+                raise UsageError('--pretrained: %s' % str(err).split(': ', 1)[-1]) from err
         family = zoo.preset(args.model)
         calib = _calib_data(args, args.input_shape or family.input_shape, family.preprocess)
         qnet = zoo.get_model(args.model, quantized=True, calib_data=calib, mode=args.mode,
@@ -130,8 +195,6 @@ def cmd_quantize(args):
         calib = _calib_data(args, args.input_shape or IMAGENET.input_shape, IMAGENET)
         qnet = gluon_int8.quantize_net(_load_fp32(args), calib, mode=args.mode, **options)
     print(qnet.layer_table())
-    out_dir = os.path.dirname(os.path.abspath(args.out))
-    os.makedirs(out_dir, exist_ok=True)
     for path in qnet.export(args.out, fp32_reference=args.with_fp32_reference):
         print('wrote %s (%.1f KB)' % (path, os.path.getsize(path) / 1024.0))
 
@@ -186,12 +249,14 @@ def cmd_bench(args):
         family = zoo.preset(args.model)
         shape = args.input_shape or family.input_shape
         net = zoo.get_model(args.model, quantized=False)
+        _check_shape(net, shape)
         calib = [mx.nd.random.uniform(-1, 1, shape=(16,) + shape)]
         qnet = gluon_int8.quantize_net(net, calib, mode='naive', **dict(family.quantize_kwargs))
         blocks, title = bench.variants(net, calib, qnet), args.model
     else:
         shape = args.input_shape or (3, 224, 224)
         blocks, title = {'int8': gluon_int8.load(args.prefix)}, args.prefix
+        _check_shape(blocks['int8'], shape)
     print('%s, input %s, %s' % (title, 'x'.join(map(str, shape)),
                                 ' '.join('%s=%s' % kv for kv in bench.environment().items())))
     missing = bench.missing_recommendations()
@@ -205,17 +270,29 @@ def cmd_bench(args):
         print('| %s | %.2f | %.1f |' % (name, result['latency_ms'][name], result['throughput'][name]))
 
 
+def _check_shape(block, shape):
+    """One batch-1 forward: a shape the network cannot take is the user's --input-shape."""
+    import mxnet as mx
+    try:
+        out = block(mx.nd.zeros((1,) + tuple(shape)))
+        for o in out if isinstance(out, (list, tuple)) else [out]:
+            o.wait_to_read()
+    except mx.base.MXNetError as err:
+        from .errors import first_line
+        raise UsageError('--input-shape: the model does not take inputs of shape %s (%s)'
+                         % (','.join(map(str, shape)), first_line(err))) from err
+
+
 def cmd_report(args):
     import gluon_int8
-    qnet = gluon_int8.load(args.prefix)
+    for option in ('--json', '--png'):
+        if getattr(args, option[2:]):
+            _writable_folder(option, getattr(args, option[2:]))
     if _is_images(args.data):
         batches = _images(args, args.data, _preprocess(args, IMAGENET))
-    elif not os.path.isfile(args.data):
-        raise ValueError('--data: no such file %r' % args.data)
     else:
-        loaded = np.load(args.data)
-        data = loaded[loaded.files[0]] if hasattr(loaded, 'files') else loaded
-        batches = _batches(data, args.batch_size)
+        batches = _batches(_load_array('--data', args.data), args.batch_size)
+    qnet = gluon_int8.load(args.prefix)
     report = qnet.report(batches, num_batches=args.num_batches)
     print(report.table())
     if args.json:
@@ -244,21 +321,35 @@ def _add_image_args(parser):
                        help='unreadable images: report and skip them, or stop (default skip)')
 
 
+def cmd_op_table(args):
+    from . import conformance, op_table
+    found = conformance.measure_all()
+    recorded = op_table.RECORDED.get(op_table.machine())
+    print('INT8 op table of %s (%s)' % (op_table.machine(), 'recorded column holds'
+                                        if recorded is not None and all(
+                                            found[k].verdict == recorded[k].verdict
+                                            for k in found)
+                                        else 'no recorded column' if recorded is None
+                                        else 'DIFFERS from the recorded column'))
+    print(conformance.python_literal(found) if args.python else conformance.markdown(found))
+
+
 def build_parser():
-    parser = argparse.ArgumentParser(prog='gluon-int8', description=__doc__.splitlines()[0])
+    parser = _Parser(prog='gluon-int8', description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest='command', required=True)
     q = sub.add_parser('quantize', help='quantize an FP32 model and export the INT8 model')
     src = q.add_mutually_exclusive_group(required=True)
     src.add_argument('--model', help='GluonCV model-zoo name')
     src.add_argument('--prefix', help='FP32 export prefix (prefix-symbol.json, prefix-0000.params)')
-    q.add_argument('--pretrained', action='store_true', help='load zoo weights (needs internet)')
+    q.add_argument('--pretrained', action='store_true',
+                   help='zoo weights already in ~/.mxnet/models (never downloaded)')
     q.add_argument('--calib-data', help="image folder, .rec, .npy/.npz file of float32 "
                                         "batches, or 'random'")
     q.add_argument('--input-shape', type=_shape, default=None,
                    help='per-example shape for --calib-data random (default: the zoo '
                         'preset, else 3,224,224)')
-    q.add_argument('--batch-size', type=int, default=32)
-    q.add_argument('--num-calib-batches', type=int, default=5)
+    q.add_argument('--batch-size', type=_positive, default=32)
+    q.add_argument('--num-calib-batches', type=_positive, default=5)
     q.add_argument('--seed', type=int, default=0, help='shuffling of calibration images')
     q.add_argument('--mode', default='entropy', choices=MODES)
     q.add_argument('--quantize-mode', choices=QUANTIZE_MODES,
@@ -271,6 +362,8 @@ def build_parser():
     q.add_argument('--exclude-layers-match', nargs='*', default=None)
     q.add_argument('--exclude-operators', nargs='*', default=None)
     q.add_argument('--calib-table', help='save the table here (or reuse it without data)')
+    q.add_argument('--allow-table-mismatch', action='store_true',
+                   help='reuse a --calib-table of another network, mode or dtype (warns)')
     q.add_argument('--out', required=True, help='export prefix of the INT8 model')
     q.add_argument('--quiet', action='store_true', help='no progress bar')
     q.add_argument('--with-fp32-reference', action='store_true',
@@ -284,14 +377,14 @@ def build_parser():
     e.add_argument('--data', help='image folder (one subfolder per class) or .rec')
     e.add_argument('--metric', default='top1', help='comma-separated: top1,top5,... '
                                                     '(default top1)')
-    e.add_argument('--batch-size', type=int, default=32)
-    e.add_argument('--num-batches', type=int, default=None, help='stop after this many')
+    e.add_argument('--batch-size', type=_positive, default=32)
+    e.add_argument('--num-batches', type=_positive, default=None, help='stop after this many')
     e.add_argument('--benchmark', action='store_true',
                    help='latency (batch 1) and throughput (--batch-size) on synthetic data')
     e.add_argument('--input-shape', type=_shape, default=None,
                    help='per-example shape for --benchmark (default: from the preprocessing)')
-    e.add_argument('--runs', type=int, default=10)
-    e.add_argument('--latency-runs', type=int, default=50)
+    e.add_argument('--runs', type=_positive, default=10)
+    e.add_argument('--latency-runs', type=_positive, default=50)
     e.add_argument('--quiet', action='store_true', help='no progress bar')
     _add_image_args(e)
     e.set_defaults(func=cmd_evaluate)
@@ -301,9 +394,9 @@ def build_parser():
     src.add_argument('--prefix', help='an INT8 export of gluon-int8 (INT8 only)')
     b.add_argument('--input-shape', type=_shape, default=None,
                    help='per-example shape (default: the zoo preset, else 3,224,224)')
-    b.add_argument('--batch', type=int, default=64)
-    b.add_argument('--runs', type=int, default=10)
-    b.add_argument('--latency-runs', type=int, default=50)
+    b.add_argument('--batch', type=_positive, default=64)
+    b.add_argument('--runs', type=_positive, default=10)
+    b.add_argument('--latency-runs', type=_positive, default=50)
     b.set_defaults(func=cmd_bench)
     r = sub.add_parser('report', help='per-layer error (SQNR, cosine) of an INT8 export '
                                       'against its FP32 graph on data (export it with '
@@ -311,8 +404,8 @@ def build_parser():
     r.add_argument('prefix')
     r.add_argument('--data', required=True,
                    help='.npy/.npz file of float32 input batches, image folder or .rec')
-    r.add_argument('--batch-size', type=int, default=32)
-    r.add_argument('--num-batches', type=int, default=None)
+    r.add_argument('--batch-size', type=_positive, default=32)
+    r.add_argument('--num-batches', type=_positive, default=None)
     r.add_argument('--json', help='also write the report as JSON here')
     r.add_argument('--png', help='also write a bar chart of the SQNR per layer here')
     _add_image_args(r)
@@ -320,18 +413,34 @@ def build_parser():
     i = sub.add_parser('info', help='show the layers and ranges of an INT8 export')
     i.add_argument('prefix')
     i.set_defaults(func=cmd_info)
+    t = sub.add_parser('op-table', help="measure MXNet's INT8 kernels on this machine (the op "
+                                        'table gluon-int8 plans with)')
+    t.add_argument('--python', action='store_true',
+                   help='print the column as the literal gluon_int8.op_table.RECORDED holds')
+    t.set_defaults(func=cmd_op_table)
     return parser
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except UsageError as err:
+        print(str(err).splitlines()[0], file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO, format='%(levelname)s %(name)s: %(message)s')
     try:
         args.func(args)
     except (ValueError, TypeError) as err:
-        print('gluon-int8: error: %s' % err, file=sys.stderr)
+        print('gluon-int8: error: %s' % _one_line(err), file=sys.stderr)
         return 2
+    except OSError as err:
+        print('gluon-int8: error: %s' % _one_line(err), file=sys.stderr)
+        return 1
     return 0
+
+
+def _one_line(err: Exception) -> str:
+    return ' '.join(str(err).split())
 
 
 if __name__ == '__main__':

@@ -145,9 +145,9 @@ class HistogramCollector(Collector):
     """
 
     def __init__(self, num_bins: int = DEFAULT_NUM_BINS, max_samples: Optional[int] = 1 << 20):
-        if num_bins < 256:
-            raise ValueError('num_bins: got %r; need at least 256 to resolve 255 uint8 '
-                             'levels' % (num_bins,))
+        if num_bins < 256 or num_bins & (num_bins - 1):  # _grow_to merges 2**k bins
+            raise ValueError('num_bins: got %r; expected a power of two >= 256 (255 uint8 '
+                             'levels to resolve, bins merged in pairs)' % (num_bins,))
         self.num_bins = num_bins
         self.max_samples = max_samples
         self._hists: Dict[str, _RunningHistogram] = {}

@@ -71,6 +71,21 @@ def _raw_batches(calib_data, param: str) -> Iterator:
         yield from iterator
 
 
+def _check_tuple_of_arrays(calib_data, param: str) -> None:
+    """``calib_data=(X, y)`` reads as two batches, X and then y; say so before the
+    network meets y, instead of "batch 1 with shapes [(16,)] does not fit"."""
+    if not isinstance(calib_data, tuple) or not calib_data or not all(
+            isinstance(v, (np.ndarray, mx.nd.NDArray)) for v in calib_data):
+        return
+    shapes = [tuple(v.shape) for v in calib_data]
+    if len({len(s) for s in shapes}) > 1:
+        raise ValueError('%s: got a tuple of %d arrays with shapes %s; a tuple or list is read '
+                         'as a sequence of batches, each array one batch. For one array of '
+                         'examples with its labels pass the array alone (%s=X), a list of '
+                         'batches ([(X, y)] for one batch), or a DataLoader'
+                         % (param, len(shapes), shapes, param))
+
+
 def iter_batches(calib_data, num_inputs: int, num_calib_batches: Optional[int] = None,
                  num_calib_examples: Optional[int] = None,
                  param: str = 'calib_data') -> Iterator[Batch]:
@@ -79,6 +94,7 @@ def iter_batches(calib_data, num_inputs: int, num_calib_batches: Optional[int] =
     Raises for empty data; warns when fewer batches or examples came than were asked.
     Messages name ``param``, the caller's name for the data.
     """
+    _check_tuple_of_arrays(calib_data, param)
     seen_batches = seen_examples = 0
     for index, raw in enumerate(_raw_batches(calib_data, param)):
         if num_calib_batches is not None and seen_batches >= num_calib_batches:

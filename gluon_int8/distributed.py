@@ -35,11 +35,12 @@ from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 
+from . import layout
+
 log = logging.getLogger(__name__)
 
 ID = '__row'  # output column: the input row of each output row
 BATCHES_PER_TASK = 4  # numpy input: model batches per Ray task
-_FILE_SUFFIXES = ('-symbol.json', '-0000.params', '-quantization.json')
 _METRICS = ('accuracy', 'top5')
 _RUN_OPTIONS = ('num_actors', 'threads_per_actor', 'address', 'env', 'input_columns')
 
@@ -75,7 +76,7 @@ def init(address: Optional[str] = None):
 @dataclasses.dataclass(frozen=True)
 class ModelFiles:
     """An export's files in memory, to ship to actors through the object store."""
-    files: Dict[str, bytes]  # suffix -> content
+    files: Dict[str, bytes]  # layout role -> content
     data_names: List[str]
 
     @classmethod
@@ -89,15 +90,7 @@ class ModelFiles:
         if not isinstance(model, str):
             raise TypeError('model: got %s; expected an export prefix (str) or a '
                             'QuantizedBlock' % type(model).__name__)
-        files = {}
-        for suffix in _FILE_SUFFIXES:
-            if os.path.isfile(model + suffix):
-                with open(model + suffix, 'rb') as fobj:
-                    files[suffix] = fobj.read()
-        for suffix in _FILE_SUFFIXES[:2]:
-            if suffix not in files:
-                raise ValueError('model: export prefix %r has no file %r'
-                                 % (model, model + suffix))
+        files = _read_files(model)
         return cls(files, _data_names(files))
 
     def load(self):
@@ -106,25 +99,51 @@ class ModelFiles:
         from .block import load  # pylint: disable=import-outside-toplevel
         with tempfile.TemporaryDirectory() as tmp:
             prefix = os.path.join(tmp, 'model')
-            for suffix, content in self.files.items():
-                with open(prefix + suffix, 'wb') as fobj:
+            paths = _shipped_files(prefix)
+            for role, content in self.files.items():
+                with open(paths[role], 'wb') as fobj:
                     fobj.write(content)
-            if '-quantization.json' in self.files:
+            if layout.SIDECAR in self.files:
                 return load(prefix)
-            block = mx.gluon.SymbolBlock.imports(prefix + '-symbol.json', self.data_names,
-                                                 prefix + '-0000.params')
+            block = mx.gluon.SymbolBlock.imports(paths[layout.SYMBOL], self.data_names,
+                                                 paths[layout.PARAMS])
             block.hybridize(static_alloc=True, static_shape=True)
             return block
+
+
+def _read_files(prefix: str) -> Dict[str, bytes]:
+    """Role -> content of the files to ship: a gluon-int8 export is read as one unit,
+    checked against its manifest (a set mixed by a concurrent export is refused here,
+    not in every actor); an FP32 export of MXNet as its two files."""
+    paths = _shipped_files(prefix)
+    if os.path.isfile(paths[layout.SIDECAR]):
+        from .store import read_export  # pylint: disable=import-outside-toplevel
+        _, blobs = read_export(prefix, 0)
+        return {role: blobs[role] for role in paths}
+    files = {}
+    for role in (layout.SYMBOL, layout.PARAMS):
+        if not os.path.isfile(paths[role]):
+            raise ValueError('model: export prefix %r has no file %r' % (prefix, paths[role]))
+        with open(paths[role], 'rb') as fobj:
+            files[role] = fobj.read()
+    return files
+
+
+def _shipped_files(prefix: str) -> Dict[str, str]:
+    """Role -> path of the files actors need: epoch 0's graph, parameters and sidecar
+    (not the FP32 reference, which only ``report`` reads)."""
+    files = layout.export_files(prefix, 0)
+    return {role: files[role] for role in (layout.SYMBOL, layout.PARAMS, layout.SIDECAR)}
 
 
 def _data_names(files: Dict[str, bytes]) -> List[str]:
     """The model's input names: from our sidecar, else the symbol's non-parameter inputs."""
     import json  # pylint: disable=import-outside-toplevel
-    if '-quantization.json' in files:
-        return list(json.loads(files['-quantization.json'])['data_names'])
+    if layout.SIDECAR in files:
+        return list(json.loads(files[layout.SIDECAR])['data_names'])
     import mxnet as mx  # pylint: disable=import-outside-toplevel
-    symbol = mx.sym.load_json(files['-symbol.json'].decode('utf-8'))
-    params = mx.nd.load_frombuffer(files['-0000.params'])
+    symbol = mx.sym.load_json(files[layout.SYMBOL].decode('utf-8'))
+    params = mx.nd.load_frombuffer(files[layout.PARAMS])
     known = {k.split(':', 1)[-1] for k in params}
     return [n for n in symbol.list_inputs() if n not in known]
 

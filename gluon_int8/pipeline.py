@@ -162,7 +162,7 @@ def _build(prepared: Prepared, table: Optional[CalibrationTable]):
     plan, traced = prepared.plan, prepared.traced
     ranges = {}
     if table is not None:  # None: ranges computed at runtime (mode='none')
-        table.check_layers(plan.calib_layers, table.ranges)  # extras: for other plans
+        table.check_layers(plan.calib_layers)
         ranges = ranges_in_graph({n: table.ranges[n] for n in plan.calib_layers}, plan)
     qsym = finalize(plan.qsym, ranges, plan.rewrites)
     problems = check_calibrated(qsym, traced.data_names, plan.rewrites)

@@ -305,10 +305,10 @@ def _compare(jobs: List[_Job], view: _View, dtypes, observed, params, values,
     for (j, _), ref in zip(keys, oracle):
         job = jobs[j]
         got, step, top = _dequantized(observed, dtypes, *job.output)
-        if step is None:  # float output (dequantize fused)
-            step = max(float(np.abs(ref).max()), 1e-12) / 127.5
-        else:  # saturating at its own range is what the node must do
+        if step is not None:  # saturating at its own range is what the node must do
             ref = np.clip(ref, 0.0 if dtypes[job.output[0]] == 'u8' else -top, top)
+        if not step:  # a float output (dequantize fused), or a zero range
+            step = max(float(np.abs(ref).max()), 1e-30) / 127.5
         err = got - ref
         error = float(np.abs(err).max()) / step
         noise, signal = float((err * err).sum()), float((ref * ref).sum())

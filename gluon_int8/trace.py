@@ -8,10 +8,12 @@ pass to learn its shapes, which initializes those parameters (as any first call 
 """
 import dataclasses
 import inspect
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import mxnet as mx
 from mxnet.gluon import HybridBlock, SymbolBlock
+
+from .table import fingerprint
 
 
 @dataclasses.dataclass
@@ -22,10 +24,18 @@ class TracedGraph:
     aux_params: Dict[str, mx.nd.NDArray]
     data_names: List[str]
     out_format: object  # gluon's nested-output format, to regroup flat outputs
+    _fingerprint: Optional[str] = dataclasses.field(default=None, repr=False, compare=False)
 
     @property
     def num_inputs(self) -> int:
         return len(self.data_names)
+
+    def fingerprint(self) -> str:
+        """:func:`gluon_int8.table.fingerprint` of this network, computed once (it hashes
+        every weight)."""
+        if self._fingerprint is None:
+            self._fingerprint = fingerprint(self.symbol, self.arg_params, self.aux_params)
+        return self._fingerprint
 
 
 def count_inputs(block: HybridBlock) -> int:

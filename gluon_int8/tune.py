@@ -302,7 +302,8 @@ class _Builder:
             raise RuntimeError('tune: calibration collected no statistics for %s' % missing)
         opts = dataclasses.replace(self.opts, mode=mode, granularity=granularity)
         table = table_from_stats({n: self.stats[n] for n in layers if n in self.stats}, opts,
-                                 quantize_node_inputs(prepared.plan.qsym), prepared.data_names)
+                                 quantize_node_inputs(prepared.plan.qsym), prepared.data_names,
+                                 prepared.traced.fingerprint())
         check = final or self.opts.self_check == 'fallback'
         return pipeline.convert(prepared, table, self.batches[0] if check else None,
                                 self.opts.self_check)

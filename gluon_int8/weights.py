@@ -74,8 +74,11 @@ def with_dequantize_nodes(qsym: mx.sym.Symbol, params: Mapping[str, mx.nd.NDArra
         shape = params[name].shape
         q = mx.sym.var(name + INT8_SUFFIX, shape=shape, dtype='int8')
         scale = mx.sym.var(name + SCALE_SUFFIX, shape=(shape[0],) + (1,) * (len(shape) - 1))
-        replacements[name] = mx.sym.broadcast_mul(mx.sym.Cast(q, dtype='float32'), scale,
-                                                  name=name + '_dequantize')
+        # every node named: a generated name (cast0, cast2, ...) counts the Casts made
+        # so far in the process, and two exports of one block would differ
+        replacements[name] = mx.sym.broadcast_mul(
+            mx.sym.Cast(q, dtype='float32', name=name + '_cast'), scale,
+            name=name + '_dequantize')
     return qsym(**replacements) if replacements else qsym
 
 

@@ -21,6 +21,8 @@ from .datasets import IMAGENET, PREPROCESS, ImageSource, Preprocess
 
 log = logging.getLogger(__name__)
 
+DEFAULT_ROOT = os.path.join('~', '.mxnet', 'models')  # gluoncv's local store
+
 @dataclasses.dataclass(frozen=True)
 class Preset:
     """How one model family is quantized, and why."""
@@ -98,7 +100,7 @@ def _check_name(name: str) -> None:
         raise ValueError('name: unknown model %r; valid names are: %s' % (name, ', '.join(valid)))
 
 
-def _check_pretrained_local(name: str, root: str) -> None:
+def check_pretrained_local(name: str, root: str = DEFAULT_ROOT) -> None:
     """Raise at once when the pretrained weights are not in the local store."""
     from gluoncv.model_zoo.model_store import short_hash
     try:
@@ -156,7 +158,7 @@ def set_batchnorm_statistics(net, batch: mx.nd.NDArray) -> int:
 
 def get_model(name: str, quantized: bool = True, calib_data=None, mode: str = 'entropy',
               pretrained: bool = False, exclude_first_conv: Optional[bool] = None,
-              root: str = os.path.join('~', '.mxnet', 'models'), quantize_kwargs=None,
+              root: str = DEFAULT_ROOT, quantize_kwargs=None,
               bn_batch: Optional[mx.nd.NDArray] = None, **gluoncv_kwargs):
     """A GluonCV model, FP32 or quantized with its family preset.
 
@@ -170,7 +172,7 @@ def get_model(name: str, quantized: bool = True, calib_data=None, mode: str = 'e
     from .api import quantize_net
     _check_name(name)
     if pretrained:
-        _check_pretrained_local(name, root)
+        check_pretrained_local(name, root)
     if 'pretrained_base' not in gluoncv_kwargs and any(k in name for k in ('ssd', 'yolo', 'rcnn')):
         gluoncv_kwargs['pretrained_base'] = False
     net = gluoncv_get_model(name, pretrained=pretrained, root=root, **gluoncv_kwargs)

@@ -142,3 +142,35 @@ def test_truncated_export_is_refused_by_load(net_and_data, tmp_path, suffix):
 def test_load_of_missing_files(tmp_path):
     with pytest.raises(ValueError, match="prefix: '.*nothing' has no file"):
         gluon_int8.load(str(tmp_path / 'nothing'))
+
+
+def test_a_tuple_of_data_and_labels_is_explained(net_and_data):
+    """calib_data=(X, y) was reported as 'batch 1 with shapes [(16,)] does not fit'."""
+    net, data = net_and_data
+    with pytest.raises(ValueError, match=r'calib_data: got a tuple of 2 arrays with shapes '
+                                         r'\[\(16, 3, 16, 16\), \(16,\)\]; a tuple or list is '
+                                         r'read as a sequence of batches'):
+        gluon_int8.quantize_net(net, (data.asnumpy(), np.zeros(16, np.float32)))
+
+
+def test_mxnet_errors_keep_their_first_real_line(net_and_data, tmp_path):
+    """MXNet's messages start with 'Traceback (most recent call last):', and that line
+    alone was quoted: "is truncated or corrupted (Traceback (most recent call last):)"."""
+    import json
+    net, data = net_and_data
+    prefix = str(tmp_path / 'cq')
+    gluon_int8.quantize_net(net, data).export(prefix)
+    with open(prefix + '-quantization.json') as f:  # an export made before manifests
+        meta = json.load(f)
+    meta = {k: v for k, v in meta.items() if k not in ('files', 'checksum')}
+    meta['format_version'] = 1
+    with open(prefix + '-quantization.json', 'w') as f:
+        json.dump(meta, f)
+    with open(prefix + '-0000.params', 'rb') as f:
+        content = f.read()
+    with open(prefix + '-0000.params', 'wb') as f:
+        f.write(content[:len(content) // 2])
+    with pytest.raises(ValueError) as err:
+        gluon_int8.load(prefix)
+    assert 'cq-0000.params\' is truncated or corrupted (' in str(err.value)
+    assert 'Traceback' not in str(err.value) and 'Check failed' in str(err.value)

@@ -2,8 +2,8 @@
 
 With ``--deploy`` it loads an exported model ``<prefix><network>_<data-shape>`` (as in
 the reference article: ``--prefix=./model/ssd_`` for FP32, ``--prefix=./model/cqssd_``
-for INT8); an INT8 export (one with a ``-quantization.json`` sidecar) is loaded with
-``gluon_int8.load``, an FP32 one with plain ``SymbolBlock.imports``. Without
+for INT8); an INT8 export (one with a sidecar for the epoch, see ``gluon_int8.layout``) is
+loaded with ``gluon_int8.load``, an FP32 one with plain ``SymbolBlock.imports``. Without
 ``--deploy`` it evaluates the Gluon network built from ``--params``.
 
 Example::
@@ -20,16 +20,16 @@ import time
 import mxnet as mx
 
 import gluon_int8
-from gluon_int8 import bench
+from gluon_int8 import bench, layout
 from gluon_int8_samples import detection as det
 
 
 def load_deploy(prefix, epoch=0):
     """An exported model: gluon_int8.load when it is an INT8 export, else plain MXNet."""
-    if os.path.isfile(prefix + '-quantization.json'):
+    if os.path.isfile(layout.sidecar_file(prefix, epoch)):
         return gluon_int8.load(prefix, epoch)
-    net = mx.gluon.SymbolBlock.imports(prefix + '-symbol.json', ['data'],
-                                       '%s-%04d.params' % (prefix, epoch))
+    net = mx.gluon.SymbolBlock.imports(layout.symbol_file(prefix), ['data'],
+                                       layout.params_file(prefix, epoch))
     net.hybridize(static_alloc=True, static_shape=True)
     return net
 

@@ -26,16 +26,13 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import mxnet as mx
 import numpy as np
 
+from .op_table import FUSABLE_CONSUMERS, FUSION_HEADS
+
 log = logging.getLogger(__name__)
 
 FP32_BACKEND = 'MKLDNN'
 QUANTIZE_BACKEND = 'MKLDNN_QUANTIZE'
 
-# ops the oneDNN passes fuse into a preceding conv or FC (mkldnn_conv_property.h,
-# mkldnn_fc_property.h), and the ops they fuse into
-FUSION_HEADS = frozenset(['Convolution', 'FullyConnected'])
-FUSABLE_CONSUMERS = frozenset(['BatchNorm', 'Activation', 'LeakyReLU', 'clip', 'elemwise_add',
-                               'square', 'sqrt', 'exp', 'abs'])
 # fused vs traced: a difference beyond this fraction of the output's largest magnitude is
 # not float rounding (the defect above is 85% of it)
 VERIFY_RTOL = 1e-3

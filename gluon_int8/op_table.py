@@ -37,7 +37,7 @@ import dataclasses
 import functools
 import logging
 import os
-from typing import Dict, Iterable, Optional, Tuple
+from typing import Dict, Iterable, Mapping, Optional, Tuple
 
 import mxnet as mx
 
@@ -170,6 +170,65 @@ RECORDED: Dict[str, Dict[str, Result]] = {
     },
 }
 
+
+# -- what the graph passes of MXNet 1.9.1 do with ops (read from its source) -------------
+
+# fused ops that carry weights (conv, FC: the INT8 nodes whose weights are quantized)
+WEIGHT_OPS = ('_sg_mkldnn_conv', '_sg_mkldnn_fully_connected')
+# FP32 ops with an INT8 kernel: when one stays FP32 without an exclusion, the pass chose
+# so (unsupported attributes such as Concat on dim=-1, FP32 neighbours under 'smart')
+INT8_CAPABLE = frozenset(['_sg_mkldnn_conv', '_sg_mkldnn_fully_connected', 'Convolution',
+                          'FullyConnected', 'Pooling', 'Concat', 'Flatten', 'elemwise_add',
+                          'elemwise_mul', 'Activation', 'BatchNorm', 'Embedding'])
+# INT8 nodes whose output carries the range (and dtype) of their data input(s), and the
+# FP32 ops they come from or that would (layout ops have no INT8 kernel in 1.9.1)
+PASS_THROUGH = frozenset(['_contrib_quantized_pooling', '_contrib_quantized_flatten',
+                          '_contrib_quantized_act', '_contrib_quantized_concat'])
+RANGE_CARRYING = frozenset(['Pooling', 'Flatten', 'Concat', 'concat', 'Reshape', 'reshape',
+                            'transpose', 'expand_dims', 'squeeze', 'slice', 'SliceChannel'])
+QUANTIZE, DEQUANTIZE, REQUANTIZE = ('_contrib_quantize_v2', '_contrib_dequantize',
+                                    '_contrib_requantize')
+CONVERSIONS = frozenset([QUANTIZE, DEQUANTIZE, REQUANTIZE])
+# detection ops whose inputs must stay FP32 (quantize_mode='full' breaks them)
+DETECTION_OPS = frozenset(['_contrib_box_nms', '_contrib_MultiBoxDetection'])
+# the oneDNN fusion passes fuse these consumers into a preceding head (mkldnn_conv_property.h,
+# mkldnn_fc_property.h)
+FUSION_HEADS = frozenset(['Convolution', 'FullyConnected'])
+FUSABLE_CONSUMERS = frozenset(['BatchNorm', 'Activation', 'LeakyReLU', 'clip', 'elemwise_add',
+                               'square', 'sqrt', 'exp', 'abs'])
+_PATTERNS = {'_contrib_quantized_concat': 'concat', '_contrib_quantized_flatten': 'flatten',
+             '_contrib_quantized_batch_norm': 'batchnorm', '_contrib_quantized_elemwise_add': 'add',
+             '_contrib_quantized_elemwise_mul': 'mul'}
+
+
+def _true(attrs: Mapping[str, str], key: str) -> bool:
+    return str(attrs.get(key, 'false')).lower() == 'true'
+
+
+def pattern_of(node: dict, variant: str = '') -> Optional[str]:
+    """The pattern of an INT8 node of a quantized graph (None: not an op the table
+    knows). ``variant``: the form the plan gave it ('.w7', '.wide', '.rq'), where that
+    form exists for its op."""
+    op, attrs = node['op'], node.get('attrs', {})
+    if op == '_sg_mkldnn_conv':
+        if _true(attrs, 'with_act') and _true(attrs, 'with_sum'):
+            return None  # conv+act+sum: MXNet 1.9.1 does not support it
+        return 'conv' + ('+act' if _true(attrs, 'with_act') else '') + \
+            ('+sum' if _true(attrs, 'with_sum') else '') + \
+            ('+act' if _true(attrs, 'with_postsum_act') else '')
+    if op == '_sg_mkldnn_fully_connected':
+        base = 'fc+act' if _true(attrs, 'with_eltwise') else 'fc'
+        return base + ('.ch' if _true(attrs, 'channel_wise_quantize') else variant)
+    if op == '_contrib_quantized_pooling':
+        return 'pool:%s%s' % (attrs.get('pool_type', 'max'),
+                              ':global' if _true(attrs, 'global_pool') else '')
+    if op == '_contrib_quantized_act':
+        return 'act:%s' % attrs.get('act_type', 'relu')
+    base = _PATTERNS.get(op)
+    return base + variant if base in ('add', 'mul') else base
+
+
+# -- results -------------------------------------------------------------------------------
 
 def cpu_isa() -> str:
     """The instruction set oneDNN dispatches int8 kernels on, from /proc/cpuinfo.

@@ -24,6 +24,7 @@ from .block import QuantizedBlock
 from .calibrate import collect_statistics
 from .collectors import Collector, LayerStats
 from .fuse import fuse, verify
+from .op_table import DETECTION_OPS
 from .plan import Plan, check_calibrated, finalize, plan_graph, ranges_in_graph
 from .quantize_graph import (Node, graph_nodes, graph_outputs, quantize_offline_params,
                              resolve_exclusions, summarize)
@@ -33,7 +34,6 @@ from .trace import TracedGraph, build_symbol_block, trace
 
 log = logging.getLogger(__name__)
 
-DETECTION_OPS = ('_contrib_box_nms', '_contrib_MultiBoxDetection')
 SELF_CHECKS = ('warn', 'fallback', 'off')
 MAX_FALLBACKS = 10
 

@@ -43,14 +43,8 @@ from .quantize_graph import graph_outputs, quantize_symbol, set_calib_table
 
 log = logging.getLogger(__name__)
 
-QUANTIZE, DEQUANTIZE, REQUANTIZE = ('_contrib_quantize_v2', '_contrib_dequantize',
-                                    '_contrib_requantize')
-CONVERSIONS = frozenset([QUANTIZE, DEQUANTIZE, REQUANTIZE])
-# INT8 nodes whose output carries the range (and dtype) of their data input(s)
-PASS_THROUGH = frozenset(['_contrib_quantized_pooling', '_contrib_quantized_flatten',
-                          '_contrib_quantized_act', '_contrib_quantized_concat'])
-_PATTERNS = {'_contrib_quantized_concat': 'concat', '_contrib_quantized_flatten': 'flatten',
-             '_contrib_quantized_batch_norm': 'batchnorm'}
+from .op_table import CONVERSIONS, DEQUANTIZE, PASS_THROUGH, QUANTIZE, REQUANTIZE
+
 _DTYPES = {np.dtype(np.int8): 's8', np.dtype(np.uint8): 'u8', np.dtype(np.int32): 's32'}
 AUTO = 'auto'
 PREFIX = 'quantized_'
@@ -164,35 +158,17 @@ def _dtypes(symbol: mx.sym.Symbol, data_names: Sequence[str]) -> Dict[str, str]:
             for name, t in zip(internals.list_outputs(), types)}
 
 
-def _true(attrs: Mapping[str, str], key: str) -> bool:
-    return str(attrs.get(key, 'false')).lower() == 'true'
-
-
-def pattern_of(node: dict, weight: Optional[str] = None,
-               rewrites: Optional['Rewrites'] = None) -> Optional[str]:
-    """The op-table pattern of an INT8 node (None: an op the table does not know)."""
-    op, attrs = node['op'], node.get('attrs', {})
-    if op == '_sg_mkldnn_conv':
-        if _true(attrs, 'with_act') and _true(attrs, 'with_sum'):
-            return None  # conv+act+sum: MXNet 1.9.1 does not support it
-        return 'conv' + ('+act' if _true(attrs, 'with_act') else '') + \
-            ('+sum' if _true(attrs, 'with_sum') else '') + \
-            ('+act' if _true(attrs, 'with_postsum_act') else '')
-    if op == '_sg_mkldnn_fully_connected':
-        base = 'fc+act' if _true(attrs, 'with_eltwise') else 'fc'
-        if _true(attrs, 'channel_wise_quantize'):
-            return base + '.ch'
-        return base + ('.w7' if rewrites and weight in rewrites.seven_bit else '')
-    if op == '_contrib_quantized_pooling':
-        return 'pool:%s%s' % (attrs.get('pool_type', 'max'),
-                              ':global' if _true(attrs, 'global_pool') else '')
-    if op == '_contrib_quantized_act':
-        return 'act:%s' % attrs.get('act_type', 'relu')
-    if op == '_contrib_quantized_elemwise_mul':
-        return 'mul.wide' if rewrites and node['name'] in rewrites.widened else 'mul'
-    if op == '_contrib_quantized_elemwise_add':
-        return 'add.rq' if rewrites and node['name'] in rewrites.requantize else 'add'
-    return _PATTERNS.get(op)
+def pattern_of(node: dict, weight: Optional[str], rewrites: 'Rewrites') -> Optional[str]:
+    """The op-table pattern of an INT8 node, in the form the plan gave it."""
+    if weight is not None and weight in rewrites.seven_bit:
+        variant = '.w7'
+    elif node['name'] in rewrites.widened:
+        variant = '.wide'
+    elif node['name'] in rewrites.requantize:
+        variant = '.rq'
+    else:
+        variant = ''
+    return op_table.pattern_of(node, variant)
 
 
 # -- the graph that runs ---------------------------------------------------------------

@@ -25,19 +25,12 @@ import numpy as np
 from mxnet.base import _LIB, check_call, c_array, c_str, c_str_array, mx_uint, py_str
 from mxnet.base import SymbolHandle
 
-from .fuse import fuse
+from .op_table import INT8_CAPABLE
 
 log = logging.getLogger(__name__)
 
 GRANULARITIES = {'tensor': 'tensor-wise', 'channel': 'channel-wise'}
 
-# Ops that have an INT8 kernel in MXNet 1.9.1 with oneDNN. When one of them stays FP32
-# without an exclusion, the pass chose so (unsupported attributes such as Concat on
-# dim=-1, or FP32 neighbours under quantize_mode='smart'), not for lack of a kernel.
-INT8_CAPABLE_OPS = frozenset([
-    '_sg_mkldnn_conv', '_sg_mkldnn_fully_connected', 'Convolution', 'FullyConnected',
-    'Pooling', 'Concat', 'Flatten', 'elemwise_add', 'elemwise_mul', 'Activation',
-    'BatchNorm', 'Embedding'])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -233,7 +226,7 @@ def summarize(nodes: Sequence[Node], qsym: mx.sym.Symbol, excluded: Mapping[str,
         else:
             reason = excluded.get(node.name) or (
                 'left FP32 by the quantization pass (op %s: unsupported attributes or FP32 '
-                'neighbours)' % node.op if node.op in INT8_CAPABLE_OPS
+                'neighbours)' % node.op if node.op in INT8_CAPABLE
                 else 'no INT8 kernel for op %s' % node.op)
             rows.append(LayerInfo(node.name, node.op, 'fp32', reason, node.inner_names))
     return rows

@@ -34,6 +34,7 @@ import numpy as np
 from .calibrate import OpHook, hooked_block, run_hooked
 from .data import iter_batches
 from .quantize_graph import INT8_READ_RANGE, UINT8_READ_RANGE, graph_outputs
+from .op_table import WEIGHT_OPS
 from .table import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,6 @@ REPORT_VERSION = 1
 LEVELS = {np.dtype(np.int8): INT8_READ_RANGE, np.dtype(np.uint8): UINT8_READ_RANGE,
           np.dtype(np.int32): 2147483647.0}
 SHORT_DTYPES = {'int8': 's8', 'uint8': 'u8', 'int32': 's32', 'float32': 'f32'}
-WEIGHT_OPS = ('_sg_mkldnn_conv', '_sg_mkldnn_fully_connected')
 
 
 @dataclasses.dataclass

@@ -44,6 +44,7 @@ from .api import Options, prepare, table_from_stats, validate
 from .block import QuantizedBlock
 from .collectors import HistogramCollector
 from .data import iter_batches
+from .op_table import RANGE_CARRYING
 from .pipeline import Prepared
 from .quantize_graph import GRANULARITIES, quantize_node_inputs
 from .thresholds import THRESHOLDS
@@ -57,9 +58,6 @@ DEFAULT_GRANULARITIES = ('tensor', 'channel')
 PASSED_OPTIONS = ('quantized_dtype', 'quantize_mode', 'exclude_layers', 'exclude_layers_match',
                   'exclude_operators', 'num_calib_batches', 'num_calib_examples', 'percentile',
                   'num_bins', 'self_check')
-# fused-graph ops whose INT8 version carries its input's range to its output
-RANGE_CARRYING_OPS = ('Pooling', 'Flatten', 'Concat', 'concat', 'Reshape', 'reshape',
-                      'transpose', 'expand_dims', 'squeeze', 'slice', 'SliceChannel')
 _HEADER = '%3s  %-8s %-10s %-7s %4s  %10s %9s %6s  %s'
 
 
@@ -523,7 +521,7 @@ def _units(fused, int8_layers) -> Dict[str, List[str]]:
             if name in unit:
                 continue
             unit.append(name)
-            if ops[name] in RANGE_CARRYING_OPS:
+            if ops[name] in RANGE_CARRYING:
                 todo.extend(consumers.get(name, []))
         units[layer] = [n for n in unit if n == layer or n in int8_layers]
     return units

@@ -19,7 +19,8 @@ from typing import Dict, List, Mapping, Tuple
 import mxnet as mx
 import numpy as np
 
-INT8_NODE_OPS = ('_sg_mkldnn_conv', '_sg_mkldnn_fully_connected')
+from .op_table import WEIGHT_OPS
+
 INT8_SUFFIX, SCALE_SUFFIX = '_int8', '_scale'
 
 
@@ -29,7 +30,7 @@ def int8_weight_names(qsym: mx.sym.Symbol, params: Mapping[str, mx.nd.NDArray]) 
     nodes = graph['nodes']
     names = []
     for node in nodes:
-        if node['op'] not in INT8_NODE_OPS or not node['name'].startswith('quantized_'):
+        if node['op'] not in WEIGHT_OPS or not node['name'].startswith('quantized_'):
             continue
         for src, _, _ in node['inputs']:
             var = nodes[src]

@@ -6,7 +6,8 @@ inputs, as the quantization pass emits it; its result is a measurement
 (:mod:`gluon_int8.conformance` builds a tiny graph per entry and compares the kernel with
 an exact oracle):
 
-* ``ok``: the kernel agrees with the oracle to within two steps of its output grid;
+* ``ok``: the kernel agrees with the oracle to within two steps of its output grid, and
+  within a quarter step on average (a kernel that truncates is biased by half a step);
 * ``wrong``: it returns numbers, but wrong ones (a misread dtype, int16 saturation);
 * ``crash``: it raises.
 
@@ -18,9 +19,9 @@ with fused activation / residual sum / activation after the sum); ``fc``, ``fc+a
 (with ``.w7``: 7-bit weights, ``.ch``: per-channel weights quantized by MXNet);
 ``pool:max``, ``pool:avg`` (``:global``); ``concat``, ``add``, ``mul``, ``batchnorm``,
 ``act:relu``, ``flatten``; ``mul.wide``: a multiply whose output range is the product of
-its input ranges (MXNet's INT8 multiply casts to int8 without saturating: a value beyond
-a calibrated range that clips wraps around); ``add.rq``: an add that emits int32 into a
-requantize node of its own.
+its input ranges, so that nothing exceeds it (MXNet's INT8 multiply casts to int8 without
+saturating, so a clipped value wraps around; the entry shows that it also truncates);
+``add.rq``: an add that emits int32 into a requantize node of its own.
 
 Kernels differ between CPUs (oneDNN dispatches on the instruction set), so results are
 kept per ISA. :data:`RECORDED` holds the columns measured so far; on a CPU without one the
@@ -48,6 +49,9 @@ OK, WRONG, CRASH = 'ok', 'wrong', 'crash'
 # kernels stay below 1.4 (rounding, and the 7-bit weights oneDNN uses for s8 inputs
 # without VNNI); every defect found measured 10 steps or more.
 TOLERANCE_STEPS = 2.0
+# and on average: a kernel that truncates instead of rounding shrinks every value by half a
+# step (-0.5); rounding kernels measured within 0.05
+BIAS_STEPS = 0.25
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,42 +102,42 @@ ENTRY_KEYS = frozenset(e.key for e in ENTRIES)
 RECORDED: Dict[str, Dict[str, Result]] = {
     # AMD EPYC, AVX2 without VNNI (no AVX-512): u8*s8 products saturate in int16 pairs
     'mxnet-1.9.1/avx2': {
-        'conv(u8)': Result('wrong', 24.97, 's8'),
-        'conv(u7)': Result('ok', 0.64, 's8'),
+        'conv(u8)': Result('wrong', 22.19, 's8'),
+        'conv(u7)': Result('ok', 0.66, 's8'),
         'conv(s8)': Result('ok', 0.5, 's8'),
-        'conv+act(u8)': Result('wrong', 70.39, 'u8'),
+        'conv+act(u8)': Result('wrong', 64.77, 'u8'),
         'conv+act(u7)': Result('ok', 0.76, 'u8'),
         'conv+act(s8)': Result('ok', 0.5, 'u8'),
-        'conv+sum(u8,u8)': Result('wrong', 253.5, 's8'),
-        'conv+sum(u8,s8)': Result('wrong', 25.48, 's8'),
+        'conv+sum(u8,u8)': Result('wrong', 254.5, 's8'),
+        'conv+sum(u8,s8)': Result('wrong', 25.32, 's8'),
         'conv+sum(u7,u8)': Result('wrong', 255.5, 's8'),
-        'conv+sum(u7,s8)': Result('ok', 0.63, 's8'),
-        'conv+sum(s8,u8)': Result('wrong', 253.5, 's8'),
+        'conv+sum(u7,s8)': Result('ok', 0.64, 's8'),
+        'conv+sum(s8,u8)': Result('wrong', 255.5, 's8'),
         'conv+sum(s8,s8)': Result('ok', 0.5, 's8'),
-        'conv+sum+act(u8,u8)': Result('wrong', 64.57, 'u8'),
+        'conv+sum+act(u8,u8)': Result('wrong', 54.89, 'u8'),
         'conv+sum+act(u8,s8)': Result('wrong', 128.5, 'u8'),
-        'conv+sum+act(u7,u8)': Result('ok', 0.89, 'u8'),
+        'conv+sum+act(u7,u8)': Result('ok', 0.85, 'u8'),
         'conv+sum+act(u7,s8)': Result('wrong', 128.5, 'u8'),
         'conv+sum+act(s8,u8)': Result('ok', 0.5, 'u8'),
         'conv+sum+act(s8,s8)': Result('wrong', 128.5, 'u8'),
-        'fc(u8)': Result('wrong', 19.56, 'f32'),
+        'fc(u8)': Result('wrong', 14.67, 'f32'),
         'fc(u7)': Result('ok', 0.0, 'f32'),
-        'fc(s8)': Result('wrong', 25.2, 'f32'),
-        'fc+act(u8)': Result('wrong', 26.63, 'u8'),
+        'fc(s8)': Result('wrong', 21.89, 'f32'),
+        'fc+act(u8)': Result('wrong', 38.57, 'u8'),
         'fc+act(u7)': Result('ok', 0.5, 'u8'),
-        'fc+act(s8)': Result('wrong', 66.23, 'u8'),
+        'fc+act(s8)': Result('wrong', 86.17, 'u8'),
         'fc.w7(u8)': Result('ok', 0.0, 'f32'),
         'fc.w7(u7)': Result('ok', 0.0, 'f32'),
         'fc.w7(s8)': Result('ok', 0.0, 'f32'),
         'fc+act.w7(u8)': Result('ok', 0.5, 'u8'),
         'fc+act.w7(u7)': Result('ok', 0.5, 'u8'),
         'fc+act.w7(s8)': Result('ok', 0.5, 'u8'),
-        'fc.ch(u8)': Result('wrong', 17.26, 'f32'),
+        'fc.ch(u8)': Result('wrong', 16.6, 'f32'),
         'fc.ch(u7)': Result('ok', 0.12, 'f32'),
-        'fc.ch(s8)': Result('wrong', 26.85, 'f32'),
-        'fc+act.ch(u8)': Result('wrong', 43.71, 'u8'),
-        'fc+act.ch(u7)': Result('ok', 0.94, 'u8'),
-        'fc+act.ch(s8)': Result('wrong', 67.0, 'u8'),
+        'fc.ch(s8)': Result('wrong', 32.49, 'f32'),
+        'fc+act.ch(u8)': Result('wrong', 47.22, 'u8'),
+        'fc+act.ch(u7)': Result('ok', 0.97, 'u8'),
+        'fc+act.ch(s8)': Result('wrong', 69.87, 'u8'),
         'pool:max(u8)': Result('ok', 0.0, 'u8'),
         'pool:max(s8)': Result('ok', 0.0, 's8'),
         'pool:avg(u8)': Result('ok', 0.44, 'u8'),
@@ -142,19 +146,19 @@ RECORDED: Dict[str, Dict[str, Result]] = {
         'pool:max:global(s8)': Result('ok', 0.0, 's8'),
         'pool:avg:global(u8)': Result('ok', 0.5, 'u8'),
         'pool:avg:global(s8)': Result('ok', 0.48, 's8'),
-        'batchnorm(u8)': Result('ok', 1.44, 's8'),
+        'batchnorm(u8)': Result('ok', 1.46, 's8'),
         'batchnorm(s8)': Result('ok', 0.5, 's8'),
         'act:relu(u8)': Result('wrong', 191.87, 's8'),
         'act:relu(s8)': Result('ok', 0.0, 's8'),
         'flatten(u8)': Result('ok', 0.0, 'u8'),
         'flatten(s8)': Result('ok', 0.0, 's8'),
-        'add(u8,u8)': Result('wrong', 73.36, 'u8', 'reuses the oneDNN primitive it cached for another output range'),
-        'add(u8,s8)': Result('wrong', 21.07, 's8'),
-        'add(s8,u8)': Result('wrong', 41.94, 's8', 'reuses the oneDNN primitive it cached for another output range'),
-        'add(s8,s8)': Result('wrong', 36.62, 's8', 'reuses the oneDNN primitive it cached for another output range'),
-        'add.rq(u8,u8)': Result('ok', 0.99, 'u8'),
-        'add.rq(u8,s8)': Result('wrong', 105.64, 's8'),
-        'add.rq(s8,u8)': Result('wrong', 79.27, 's8'),
+        'add(u8,u8)': Result('wrong', 0.5, 'u8', 'biased: every value -0.26 steps off on average (truncation)'),
+        'add(u8,s8)': Result('wrong', 20.81, 's8'),
+        'add(s8,u8)': Result('wrong', 41.82, 's8', 'reuses the oneDNN primitive it cached for another output range'),
+        'add(s8,s8)': Result('wrong', 36.63, 's8', 'reuses the oneDNN primitive it cached for another output range'),
+        'add.rq(u8,u8)': Result('wrong', 0.97, 'u8', 'biased: every value -0.35 steps off on average (truncation)'),
+        'add.rq(u8,s8)': Result('wrong', 106.45, 's8'),
+        'add.rq(s8,u8)': Result('wrong', 79.13, 's8'),
         'add.rq(s8,s8)': Result('ok', 0.96, 's8'),
         'mul(u8,u8)': Result('crash', None, '-', 'MXNetError: Check failed: mshadow: :DataType<DType>::kFlag == type_flag_: TBlob.get_with_shape: data type do not match specified type.Expected: unsigned char v.s. given char'),
         'mul(u8,s8)': Result('crash', None, '-', 'MXNetError: Check failed: mshadow: :DataType<DType>::kFlag == type_flag_: TBlob.get_with_shape: data type do not match specified type.Expected: unsigned char v.s. given char'),
@@ -163,7 +167,7 @@ RECORDED: Dict[str, Dict[str, Result]] = {
         'mul.wide(u8,u8)': Result('crash', None, '-', 'MXNetError: Check failed: mshadow: :DataType<DType>::kFlag == type_flag_: TBlob.get_with_shape: data type do not match specified type.Expected: unsigned char v.s. given char'),
         'mul.wide(u8,s8)': Result('crash', None, '-', 'MXNetError: Check failed: mshadow: :DataType<DType>::kFlag == type_flag_: TBlob.get_with_shape: data type do not match specified type.Expected: unsigned char v.s. given char'),
         'mul.wide(s8,u8)': Result('crash', None, '-', 'MXNetError: Check failed: mshadow: :DataType<DType>::kFlag == type_flag_: TBlob.get_with_shape: data type do not match specified type.Expected: unsigned char v.s. given char'),
-        'mul.wide(s8,s8)': Result('ok', 1.0, 's8'),
+        'mul.wide(s8,s8)': Result('wrong', 1.0, 's8', 'biased: every value -0.50 steps off on average (truncation)'),
         'concat(u8)': Result('ok', 0.5, 'u8'),
         'concat(s8)': Result('ok', 0.5, 's8'),
         'concat(s8,u8)': Result('ok', 0.5, 's8'),
@@ -208,7 +212,7 @@ def _true(attrs: Mapping[str, str], key: str) -> bool:
 def pattern_of(node: dict, variant: str = '') -> Optional[str]:
     """The pattern of an INT8 node of a quantized graph (None: not an op the table
     knows). ``variant``: the form the plan gave it ('.w7', '.wide', '.rq'), where that
-    form exists for its op."""
+    form exists for its op (``.wide`` is measured, never planned: it truncates)."""
     op, attrs = node['op'], node.get('attrs', {})
     if op == '_sg_mkldnn_conv':
         if _true(attrs, 'with_act') and _true(attrs, 'with_sum'):

@@ -24,6 +24,7 @@ from .block import QuantizedBlock
 from .calibrate import collect_statistics
 from .collectors import Collector, LayerStats
 from .fuse import fuse, verify
+from .errors import first_line
 from .op_table import DETECTION_OPS
 from .plan import Plan, check_calibrated, finalize, plan_graph, ranges_in_graph
 from .quantize_graph import (Node, graph_nodes, graph_outputs, quantize_offline_params,
@@ -130,6 +131,9 @@ def convert(prepared: Prepared, table: Optional[CalibrationTable],
     With ``self_check='fallback'`` the first layer (in graph order) the check finds
     defective returns to FP32 and the block is built and checked again, up to
     :data:`MAX_FALLBACKS` times; with ``'warn'`` each defective layer gets a warning.
+    Unless the check is ``'off'``, a block that fails when called (batch 1 twice, then
+    the whole batch) never returns: the layer whose return to FP32 stops the failure is
+    found by bisection and returns to FP32.
     """
     for _ in range(MAX_FALLBACKS):
         built, problems = _build(prepared, table)
@@ -141,6 +145,13 @@ def convert(prepared: Prepared, table: Optional[CalibrationTable],
         qnet, qsym, values = built
         if batch is None or self_check == 'off':
             return qnet
+        crash = _crashes(qnet, batch)
+        if crash:
+            layer = _crashing_layer(prepared, table, batch, qnet)
+            reason = 'self-check: the INT8 graph fails on a repeated batch-1 call (%s)' % crash
+            log.warning('%s returns to FP32: %s', layer, reason)
+            prepared = replan(prepared, {**prepared.plan.reasons, layer: reason})
+            continue
         defects = _self_check(qnet, qsym, values, prepared, batch)
         if not defects:
             return qnet
@@ -154,6 +165,38 @@ def convert(prepared: Prepared, table: Optional[CalibrationTable],
         log.warning('%s returns to FP32: %s', first.layer, first.describe())
         prepared = replan(prepared, {**prepared.plan.reasons, first.layer: first.describe()})
     raise RuntimeError('convert: still defective after %d rounds' % MAX_FALLBACKS)
+
+
+def _crashes(qnet: QuantizedBlock, batch) -> Optional[str]:
+    """Run the block as a user will: batch 1, again batch 1, then the whole batch. The
+    first line of MXNet's error if a kernel fails (MXNet 1.9.1's INT8 FC fails on its
+    second batch-1 call in some graphs), else None."""
+    try:
+        for inputs in ([b[:1] for b in batch], [b[:1] for b in batch], batch):
+            out = qnet(*inputs)
+            for o in out if isinstance(out, (list, tuple)) else [out]:
+                o.wait_to_read()
+    except mx.base.MXNetError as err:
+        return first_line(err)
+    return None
+
+
+def _crashing_layer(prepared: Prepared, table, batch, qnet: QuantizedBlock) -> str:
+    """The INT8 layer whose return to FP32 stops the crash: with every INT8 layer from
+    position k on returned to FP32, the block runs for small k and crashes for k = all;
+    bisection finds the last k that runs, and layer k is the one."""
+    layers = qnet.int8_layers
+
+    def runs(k: int) -> bool:
+        reasons = {**prepared.plan.reasons, **{n: 'bisecting a crash' for n in layers[k:]}}
+        built, problems = _build(replan(prepared, reasons), table)
+        return not problems and _crashes(built[0], batch) is None
+
+    good, bad = 0, len(layers)  # runs(good) (nothing INT8 is assumed to run), not runs(bad)
+    while bad - good > 1:
+        middle = (good + bad) // 2
+        good, bad = (middle, bad) if runs(middle) else (good, middle)
+    return layers[good]
 
 
 def _build(prepared: Prepared, table: Optional[CalibrationTable]):

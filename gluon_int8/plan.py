@@ -18,13 +18,11 @@ combination that is not ``ok`` it takes the cheapest remedy the table says is co
 * ``7-bit weights``: an FC whose kernel saturates with 8-bit weights stores 7-bit ones;
 * ``requantize``: an INT8 add emits int32 and a requantize node of its own follows (its
   fused requantize shares oneDNN primitives between adds that it must not share);
-* ``widen``: an INT8 multiply (which casts to int8 without saturating) gets an output
-  range that holds the product of its input ranges, so nothing wraps around;
 * ``split``: a conv+sum+ReLU whose sum input is int8 (its oneDNN kernel writes uint8
   values into the sum's int8 buffer) becomes conv+sum and a ReLU of its own;
 * ``FP32``: the node stays FP32, with the reason.
 
-The first seven change neither the graph MXNet quantizes nor what calibration needs;
+The first six change neither the graph MXNet quantizes nor what calibration needs;
 ``split`` and ``FP32`` do, and the pass runs again. The dtype of a quantize node follows
 its calibrated range, which is not known while planning: the plan holds for either
 dtype, and :func:`check_calibrated` looks again once the ranges are set.
@@ -60,15 +58,8 @@ class Rewrites:
     converts: FrozenSet[Tuple[str, str]] = frozenset()  # (consumer, producer) edges -> s8
     seven_bit: FrozenSet[str] = frozenset()             # FC weights stored in 7 bits
     reduce: FrozenSet[str] = frozenset()                # calibrated tensors whose range doubles
-    # INT8 multiplies whose output range covers the product of their input ranges:
-    # (node, its calibrated output, the sources of each input)
-    widen: FrozenSet[Tuple[str, str, Tuple[str, ...], Tuple[str, ...]]] = frozenset()
     # INT8 adds that emit int32 into a requantize node of their own
     requantize: FrozenSet[str] = frozenset()
-
-    @property
-    def widened(self) -> FrozenSet[str]:
-        return frozenset(w[0] for w in self.widen)
 
     def merge(self, more: Mapping[str, set]) -> 'Rewrites':
         return dataclasses.replace(self, **{k: getattr(self, k) | frozenset(v)
@@ -138,10 +129,10 @@ class _View:
         return ((name[len(PREFIX):] if name.startswith(PREFIX) else name) + '_output',)
 
     def quantizers(self, index: int) -> Tuple[str, ...]:
-        """The quantize nodes with out_type 'auto' whose dtype node ``index``'s output
-        follows."""
+        """The quantize (and requantize) nodes with out_type 'auto' whose dtype node
+        ``index``'s output follows."""
         node = self.nodes[index]
-        if node['op'] == QUANTIZE:
+        if node['op'] in (QUANTIZE, REQUANTIZE):
             return (node['name'],) if node.get('attrs', {}).get('out_type') == 'auto' else ()
         return self._upstream(index, self.quantizers) if node['op'] in PASS_THROUGH else ()
 
@@ -162,8 +153,6 @@ def pattern_of(node: dict, weight: Optional[str], rewrites: 'Rewrites') -> Optio
     """The op-table pattern of an INT8 node, in the form the plan gave it."""
     if weight is not None and weight in rewrites.seven_bit:
         variant = '.w7'
-    elif node['name'] in rewrites.widened:
-        variant = '.wide'
     elif node['name'] in rewrites.requantize:
         variant = '.rq'
     else:
@@ -188,7 +177,7 @@ def finalize(qsym: mx.sym.Symbol, ranges: Mapping[str, Tuple[float, float]],
     view = _View(calibrated)
     graph = _with_converts(view, rewrites.converts, ranges)
     graph = _without(graph, rewrites.drops)
-    graph = _requantize_apart(graph, rewrites.requantize)
+    graph = _requantize_apart(graph, rewrites.requantize, rewrites.pins)
     return mx.sym.load_json(json.dumps(graph))
 
 
@@ -255,7 +244,7 @@ def _with_converts(view: _View, edges: FrozenSet[Tuple[str, str]],
     return _rebuild(graph, order, lambda n: links[id(n) if n is not None else None])
 
 
-def _requantize_apart(graph: dict, names: FrozenSet[str]) -> dict:
+def _requantize_apart(graph: dict, names: FrozenSet[str], pins: FrozenSet[str]) -> dict:
     """The named INT8 nodes lose their calibrated range (they emit int32) and a
     requantize node with that range follows each: MXNet's INT8 add caches its oneDNN
     primitive under a key that reads its output range before it is written, so two adds
@@ -266,8 +255,10 @@ def _requantize_apart(graph: dict, names: FrozenSet[str]) -> dict:
         attrs = node.get('attrs', {})
         if node['name'] not in names or 'max_calib_range' not in attrs:
             continue
-        rq = {'op': '_contrib_requantize', 'name': 'requantize_' + node['name'],
-              'attrs': {'out_type': 'auto', 'min_calib_range': attrs.pop('min_calib_range'),
+        name = 'requantize_' + node['name']
+        rq = {'op': REQUANTIZE, 'name': name,
+              'attrs': {'out_type': 'int8' if name in pins else 'auto',
+                        'min_calib_range': attrs.pop('min_calib_range'),
                         'max_calib_range': attrs.pop('max_calib_range')}}
         for key, entries in links.items():
             links[key] = [(rq, o, v) if src is node else (src, o, v) for src, o, v in entries]
@@ -452,14 +443,6 @@ def _decide(node: _Node, decision: _Decision) -> None:
             decision.note(node, 'int32 output with a requantize node of its own')
             _apply(node, remedies, decision)
             return
-    if pattern == 'mul' and len(node.inputs) == 2:
-        remedies = _remedies('mul.wide', dtypes)
-        if remedies is not None:
-            a, b = node.inputs
-            decision.add('widen', [(node.name, node.fp32 + '_output', a.sources, b.sources)])
-            decision.note(node, 'output range widened to the product of the input ranges')
-            _apply(node, remedies, decision)
-            return
     if pattern in ('fc', 'fc+act') and node.weight:
         remedies = _remedies(pattern + '.w7', dtypes)
         if remedies is not None:
@@ -556,8 +539,7 @@ def ranges_in_graph(ranges: Mapping[str, Tuple[float, float]],
     """The ranges the INT8 graph uses. A tensor that is uint8 whatever its range gets
     ``[0, T]`` (a custom collector may report a negative min there: MXNet's next kernel
     would refuse it); the non-negative ranges of the ``reduce`` tensors are doubled
-    (their uint8 codes then stay below 128); a widened multiply's output range holds
-    the product of its input ranges."""
+    (their uint8 codes then stay below 128)."""
     used = {}
     for name, (lo, hi) in ranges.items():
         if name in plan.unsigned and lo < 0:
@@ -565,14 +547,4 @@ def ranges_in_graph(ranges: Mapping[str, Tuple[float, float]],
         if name in plan.rewrites.reduce and lo >= 0:
             hi *= 2.0
         used[name] = (lo, hi)
-    for _, out, a, b in plan.rewrites.widen:
-        if out in used:
-            bound = _peak(used, a) * _peak(used, b)
-            lo, hi = used[out]
-            if bound > max(-lo, hi):
-                used[out] = (-bound if lo < 0 else 0.0, bound)
     return used
-
-
-def _peak(ranges: Mapping[str, Tuple[float, float]], names: Sequence[str]) -> float:
-    return max(max(-ranges[n][0], ranges[n][1]) for n in names if n in ranges)

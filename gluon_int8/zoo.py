@@ -34,31 +34,8 @@ class Preset:
     preprocess: Preprocess = IMAGENET  # images from a folder or .rec -> input_shape
 
 
-# MXNet 1.9.1's INT8 FullyConnected (SgMKLDNNFCOp::Forward) stops on its *second* batch-1
-# call with "Check failed: !IsMKLDNNData(): We can't generate TBlob for MKLDNN data" when
-# it reads the classifier input from these graphs' INT8 oneDNN ops (found with the C++
-# backtrace; the first call and batch >= 2 work). Keeping that one layer FP32 avoids it.
-_FC_FAILS_AT_BATCH_1 = (
-    "the classifier FC stays FP32: MXNet 1.9.1's INT8 FullyConnected fails from its second "
-    "batch-1 call ('Check failed: !IsMKLDNNData(): We can't generate TBlob for MKLDNN data') "
-    'on the INT8 %s that feeds it')
-
 PRESETS = {
     '': Preset(),
-    'se_resnext': Preset(quantize_kwargs=(('exclude_operators', ('FullyConnected',)),),
-                         why=_FC_FAILS_AT_BATCH_1 % 'global average pooling (after the last '
-                         "SE block's INT8 add and ReLU)"),
-    'nasnet': Preset(quantize_kwargs=(('exclude_operators', ('FullyConnected',)),),
-                     why=_FC_FAILS_AT_BATCH_1 % 'conv+BN+ReLU output'),
-    'mobilenetv3': Preset(quantize_kwargs=(('exclude_operators', ('elemwise_mul',)),),
-                          why="hard-swish's x * hard_sigmoid(x) stays FP32: MXNet 1.9.1's INT8 "
-                          'elemwise_mul casts a*b*scale to int8 with no rounding or saturation, '
-                          'and with it INT8 mobilenetv3_small (random weights, real images, '
-                          'naive) fell from cosine 0.94 to 0.39 against FP32'),
-    'residualattentionnet': Preset(why="defaults: each attention module's (1 + mask) * trunk "
-                                   "stays FP32 by quantize_graph: the INT8 add 1 + sigmoid(mask) "
-                                   "emits uint8 and MXNet 1.9.1's INT8 elemwise_mul reads int8 "
-                                   'inputs only'),
     'inceptionv3': Preset((3, 299, 299), why='299x299 input',
                           preprocess=PREPROCESS['inception']),
     'ssd_300': Preset((3, 300, 300), (('quantize_mode', 'smart'),), False,

@@ -163,3 +163,45 @@ def test_self_check_error_is_half_a_step_on_correct_kernels():
     assert {c.layer for c in qnet.self_check} == set(qnet.int8_layers)
     for out_int8, out_fp32 in zip(as_list(qnet(*inputs)), as_list(net(*inputs))):
         assert cosine(out_int8, out_fp32) > 0.99
+
+
+class SqueezeExcite(nn.HybridBlock):
+    """The end of an SE-ResNeXt: relu(x * gate + shortcut) -> global pool -> Dense. MXNet
+    1.9.1's INT8 FullyConnected fails on its second batch-1 call after this INT8 chain
+    ("We can't generate TBlob for MKLDNN data"): the zoo preset used to keep every
+    se_resnext classifier FP32 for it."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.a = nn.Conv2D(16, 3, padding=1, activation='relu')
+        self.g = nn.Conv2D(16, 1)
+        self.fc = nn.Dense(10)
+
+    def hybrid_forward(self, F, x):
+        s = self.a(x)
+        gate = F.sigmoid(self.g(F.Pooling(s, kernel=(1, 1), global_pool=True, pool_type='avg')))
+        y = F.Activation(F.broadcast_mul(s, gate) + F.relu(x), act_type='relu')
+        return self.fc(F.Pooling(y, kernel=(1, 1), global_pool=True, pool_type='avg'))
+
+
+def test_a_layer_that_fails_on_a_repeated_call_returns_to_fp32(caplog):
+    """Whether the kernel fails depends on the CPU (it does on this project's AVX2 and
+    AVX512-VNNI machines): the block returned never fails, and a layer returns to FP32
+    only when the INT8 graph does."""
+    from gluon_int8 import pipeline
+    net, inputs = make_net(SqueezeExcite, (4, 16, 8, 8))
+    plain = gluon_int8.quantize_net(net, [tuple(inputs)], mode='naive', self_check='off')
+    crash = pipeline._crashes(plain, inputs)
+    with caplog.at_level(logging.WARNING):
+        qnet = gluon_int8.quantize_net(net, [tuple(inputs)], mode='naive')
+    assert pipeline._crashes(qnet, inputs) is None
+    (fc,) = [r for r in qnet.layers if r.op == '_sg_mkldnn_fully_connected']
+    if crash is None:
+        assert fc.dtype == 'int8'
+        pytest.skip('MXNet\'s INT8 FC does not fail on this CPU: nothing to return to FP32')
+    assert fc.dtype == 'fp32' and 'fails on a repeated batch-1 call' in fc.reason
+    assert crash in fc.reason
+    assert len(qnet.fp32_layers) == 3  # sigmoid and broadcast_mul have no INT8 kernel
+    for batch in (1, 1, 4, 1):
+        assert cosine(net(inputs[0][:batch]), qnet(inputs[0][:batch])) > 0.99
+    assert 'returns to FP32: self-check: the INT8 graph fails' in caplog.text

@@ -49,7 +49,9 @@ def test_known_defects_stay_measured_as_defects(measured):
     assert measured['act:relu(u8)'].verdict == WRONG        # reads its input as int8
     assert measured['mul(u8,s8)'].verdict == CRASH          # int8 inputs only
     assert measured['mul(s8,s8)'].verdict == WRONG          # casts to int8, no saturation
-    assert measured['mul.wide(s8,s8)'].verdict == OK
+    assert measured['mul.wide(s8,s8)'].verdict == WRONG     # ... and truncates
+    assert measured['mul.wide(s8,s8)'].detail.startswith('biased: every value -0.5')
+    assert measured['add.rq(s8,s8)'].verdict == OK
     assert measured['conv+sum(s8,s8)'].verdict == OK
     assert measured['conv+sum+act(s8,u8)'].verdict == OK
 

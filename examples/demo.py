@@ -6,9 +6,11 @@
    dataset-fashion-mnist is installed, otherwise on the bundled 1000-image slice;
 4. times latency at batch 1 and throughput at batch 64 for FP32 base, FP32 fused, INT8;
 5. prints one table like the reference article's appendix;
-6. exports the INT8 model to ./model/ and prints its path and size.
+6. exports the INT8 model to ./model/ and prints its path and size;
+7. quantizes every shipped family the same way and prints FP32 vs INT8 top-1 for each
+   (``--no-families`` skips it).
 
-    python examples/demo.py [--model resnet|mobilenet|inception] [--mode entropy]
+    python examples/demo.py [--model resnet|...] [--mode entropy] [--no-families]
 """
 import argparse
 import logging
@@ -53,6 +55,8 @@ def main():
     parser.add_argument('--model', default='resnet', choices=sorted(fashion_mnist.MODELS))
     parser.add_argument('--mode', default='entropy', choices=gluon_int8.MODES[:-1])
     parser.add_argument('--out', default='model')
+    parser.add_argument('--no-families', action='store_true',
+                        help='skip the accuracy table of every shipped family')
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     warnings.simplefilter('ignore', UserWarning)
@@ -96,6 +100,28 @@ def main():
     prefix = os.path.join(args.out, 'cq_fashion_%s' % args.model)
     for path in qnet.export(prefix):
         print('exported %s (%.1f KB)' % (path, os.path.getsize(path) / 1024.0))
+    if not args.no_families:
+        families(calib, images, labels, where, args.mode)
+
+
+def families(calib, images, labels, where, mode):
+    """FP32 vs INT8 top-1 of every shipped family, quantized the same way."""
+    print('\nevery shipped family, %s calibration, top-1 on the %s' % (mode, where))
+    print('| family | FP32 top-1 | INT8 top-1 | INT8 - FP32 | layers INT8 / FP32 | quantize s |')
+    print('|---|---|---|---|---|---|')
+    for name in sorted(fashion_mnist.MODELS):
+        if not os.path.isfile(fashion_mnist.params_path(name)):
+            print('| %s | (no trained parameters shipped) | | | | |' % name)
+            continue
+        net = fashion_mnist.get_model(name)
+        start = time.perf_counter()
+        qnet = gluon_int8.quantize_net(net, calib, mode=mode)
+        seconds = time.perf_counter() - start
+        fp32 = accuracy(net, images, labels, '%s FP32' % name)
+        int8 = accuracy(qnet, images, labels, '%s INT8' % name)
+        print('| %s | %.2f%% | %.2f%% | %+.2f | %d / %d | %.1f |'
+              % (name, fp32, int8, int8 - fp32, len(qnet.int8_layers), len(qnet.fp32_layers),
+                 seconds))
 
 
 if __name__ == '__main__':

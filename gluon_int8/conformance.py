@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 CODE_RANGE = {'u8': (0, 255), 'u7': (0, 127), 's8': (-127, 127)}
 LEVELS = {'u8': 255.5, 'u7': 255.5, 's8': 127.5}
 SHORT = {'int8': 's8', 'uint8': 'u8', 'float32': 'f32', 'int32': 's32'}
-BATCH = 8
+BATCH = 4
 IMAGE = (16, 8, 8)
 VECTOR = (64,)
 
@@ -133,10 +133,42 @@ def _network(pattern: str, num_inputs: int):
     return (two if num_inputs == 2 else one)[base]
 
 
+def network(entry: Entry):
+    """The probe of ``entry``: (forward function, its children's constructors, the
+    per-example input shape, the op of the node under test)."""
+    if entry.pattern.startswith('layout:'):
+        return _layout_network(entry)
+    return _network(entry.pattern, len(_inputs(entry)))
+
+
 def _inputs(entry: Entry) -> Tuple[str, ...]:
-    """The dtypes of the probe's network inputs (concat of one dtype: two inputs)."""
+    """The dtypes of the probe's network inputs (concat of one dtype: two inputs; a
+    layout op reads a conv's output: the network input is signed)."""
+    if entry.pattern.startswith('layout:'):
+        return ('s8',)
     return entry.inputs * 2 if entry.pattern == 'concat' and len(entry.inputs) == 1 \
         else entry.inputs
+
+
+# layout op -> what the probe does to the conv's (N, 16, 8, 8) output
+_LAYOUTS = {
+    'Reshape': lambda F, y: F.reshape(y, shape=(0, 4, -1)),
+    'SwapAxis': lambda F, y: F.swapaxes(y, 1, 2),
+    'transpose': lambda F, y: F.transpose(y, axes=(0, 2, 3, 1)),
+    'SliceChannel': lambda F, y: F.split(y, num_outputs=2, axis=1)[1],
+    'expand_dims': lambda F, y: F.expand_dims(y, axis=1),
+}
+
+
+def _layout_network(entry: Entry):
+    """conv (+ReLU for a u8 input: it emits uint8) -> the layout op -> flatten."""
+    op = entry.pattern.split(':', 1)[1]
+    relu = entry.inputs == ('u8',)
+
+    def fn(s, F, x):
+        y = s.c(x)
+        return F.flatten(_LAYOUTS[op](F, _relu(F, y) if relu else y))
+    return fn, {'c': _conv}, IMAGE, op
 
 
 def _grid(rng, shape, dtype: str, threshold: float) -> np.ndarray:
@@ -166,8 +198,7 @@ def _weights_as_used(entry: Entry, arg_params, values, half_step: bool = False
             rng = max(abs(values[name + '_quantize_min'].asscalar()),
                       abs(values[name + '_quantize_max'].asscalar()))
             used[name] = mx.nd.array(stored.asnumpy().astype(np.float64) * rng / 127.5)
-        elif name.endswith('weight') and (entry.pattern.startswith('conv')
-                                          or entry.pattern.endswith('.ch')):
+        elif name.endswith('weight') and (value.ndim == 4 or entry.pattern.endswith('.ch')):
             used[name] = mx.nd.array(_conv_weight_as_used(value.asnumpy(), half_step))
         else:
             used[name] = value
@@ -245,7 +276,7 @@ def measure(entry: Entry) -> Result:
     """Run the conformance probe of one entry on this machine."""
     rng = np.random.RandomState(zlib.crc32(entry.key.encode()))
     dtypes = _inputs(entry)
-    fn, children, shape, op = _network(entry.pattern, len(dtypes))
+    fn, children, shape, op = network(entry)
     block = (_Probe2 if len(dtypes) == 2 else _Probe)(fn, len(dtypes),
                                                       **{k: f() for k, f in children.items()})
     _set_params(block, rng)
@@ -257,7 +288,8 @@ def measure(entry: Entry) -> Result:
     qsym, layers = quantize_symbol(fused, [], list(traced.arg_params), 'auto', 'full',
                                    granularity)
     target, _ = _target(qsym, op)
-    rewrites = Rewrites(requantize=frozenset([target] if entry.pattern.endswith('.rq') else []))
+    rewrites = Rewrites(requantize=frozenset([target] if entry.pattern.endswith('.rq') else []),
+                        layout=frozenset([target] if entry.pattern.startswith('layout:') else []))
     found = [_measure_graph(entry, finalize(qsym, _ranges(entry, fused, traced, layers, inputs,
                                                           dtypes, thresholds, fraction),
                                             rewrites), op, fused, traced, inputs)
@@ -308,7 +340,11 @@ def _measure_graph(entry: Entry, qsym, op: str, fused, traced, inputs) -> Result
     target, target_outputs = _target(qsym, op)
     out_dtype = _output_dtype(qsym, traced.data_names, target_outputs[0])
     observe = target_outputs[1:3]
-    if out_dtype == 's32':  # an int32 output: read the range of the requantize after it
+    if entry.pattern.startswith('layout:'):  # it carries the range of the conv it reads
+        _, conv_outputs = _target(qsym, '_sg_mkldnn_conv')
+        out_dtype = _output_dtype(qsym, traced.data_names, conv_outputs[0])
+        observe = conv_outputs[1:3]
+    elif out_dtype == 's32':  # an int32 output: read the range of the requantize after it
         _, observe = _target(qsym, '_contrib_requantize')
         out_dtype = _output_dtype(qsym, traced.data_names, observe[0])
         observe = observe[1:3]
@@ -352,8 +388,8 @@ def _error(entry: Entry, fused, traced, values, inputs, outputs, out_dtype
     in steps (:func:`bias_steps`). A conv with an s8 source is compared with both weight
     grids oneDNN may use for it (8-bit, or half resolution without VNNI): the closer one
     is the kernel's."""
-    grids = [False, True] if entry.pattern.startswith('conv') and entry.inputs[0] == 's8' \
-        else [False]
+    convs = any(v.ndim == 4 for k, v in traced.arg_params.items() if k.endswith('weight'))
+    grids = [False, True] if convs else [False]
     found = []
     for half_step in grids:
         oracle = build_symbol_block(fused, traced.data_names,

@@ -61,7 +61,8 @@ class Prepared:
 
     def statistics_layers(self) -> List[str]:
         """Tensors to calibrate: what the plan needs, and every INT8 layer's output."""
-        int8 = {n.name for n in self.nodes} - set(self.plan.reasons)
+        int8 = {n.name[len('quantized_'):] for n in graph_nodes(self.plan.qsym)
+                if n.name.startswith('quantized_')}
         outputs = [out for node, idx, out in graph_outputs(self.plan.fused)
                    if idx == 0 and node in int8]
         return list(dict.fromkeys(list(self.plan.calib_layers) + outputs))
@@ -215,7 +216,7 @@ def _build(prepared: Prepared, table: Optional[CalibrationTable]):
     int8_names = weights.int8_weight_names(qsym, values)
     values, int8_store = weights.round_weights(values, int8_names)
     layers = summarize(graph_nodes(plan.fused), qsym, plan.reasons, plan.notes,
-                       plan.rewrites.drops)
+                       plan.rewrites.drops | {'quantized_' + n for n in plan.rewrites.layout})
     qnet = build_symbol_block(qsym, traced.data_names, values, traced.aux_params,
                               cls=QuantizedBlock, calib_table=table, layers=layers,
                               out_format=traced.out_format, int8_weights=int8_store,

@@ -41,7 +41,7 @@ from .quantize_graph import graph_outputs, quantize_symbol, set_calib_table
 
 log = logging.getLogger(__name__)
 
-from .op_table import CONVERSIONS, DEQUANTIZE, PASS_THROUGH, QUANTIZE, REQUANTIZE
+from .op_table import CONVERSIONS, DEQUANTIZE, LAYOUT_OPS, PASS_THROUGH, QUANTIZE, REQUANTIZE
 
 _DTYPES = {np.dtype(np.int8): 's8', np.dtype(np.uint8): 'u8', np.dtype(np.int32): 's32'}
 AUTO = 'auto'
@@ -60,6 +60,8 @@ class Rewrites:
     reduce: FrozenSet[str] = frozenset()                # calibrated tensors whose range doubles
     # INT8 adds that emit int32 into a requantize node of their own
     requantize: FrozenSet[str] = frozenset()
+    # FP32 layout ops (reshape, swapaxes, split, ...) run on the int8 tensor instead
+    layout: FrozenSet[str] = frozenset()
 
     def merge(self, more: Mapping[str, set]) -> 'Rewrites':
         return dataclasses.replace(self, **{k: getattr(self, k) | frozenset(v)
@@ -93,6 +95,15 @@ class _View:
         node = self.nodes[index]
         return node['name'] if node['op'] == 'null' else self.outputs[(index, out)]
 
+    def range_of(self, index: int, out: int) -> Tuple[str, str]:
+        """The names of the min and max tensors of an int8 output: the node's own outputs
+        1 and 2, or for a layout op run on int8 those of the tensor it reads."""
+        node = self.nodes[index]
+        if node['op'] in LAYOUT_OPS:
+            src, src_out, _ = node['inputs'][0]
+            return self.range_of(src, src_out)
+        return self.output_name(index, 1), self.output_name(index, 2)
+
     def weight(self, node: dict) -> Optional[str]:
         """The FP32 weight an INT8 FC node's ``<w>_quantize`` input stands for."""
         for src, _, _ in node['inputs']:
@@ -123,7 +134,7 @@ class _View:
             if self.nodes[src]['op'] == DEQUANTIZE:  # a convert carries its source's range
                 return self.sources(self.nodes[src]['inputs'][0][0])
             return (self.output_name(src, out),)
-        if node['op'] in PASS_THROUGH:
+        if node['op'] in PASS_THROUGH or node['op'] in LAYOUT_OPS:
             return self._upstream(index, self.sources)
         name = node['name']
         return ((name[len(PREFIX):] if name.startswith(PREFIX) else name) + '_output',)
@@ -134,7 +145,8 @@ class _View:
         node = self.nodes[index]
         if node['op'] in (QUANTIZE, REQUANTIZE):
             return (node['name'],) if node.get('attrs', {}).get('out_type') == 'auto' else ()
-        return self._upstream(index, self.quantizers) if node['op'] in PASS_THROUGH else ()
+        return self._upstream(index, self.quantizers) \
+            if node['op'] in PASS_THROUGH or node['op'] in LAYOUT_OPS else ()
 
     def _upstream(self, index: int, fn) -> Tuple[str, ...]:
         found = [x for src, out, _ in self.nodes[index]['inputs']
@@ -172,12 +184,13 @@ def finalize(qsym: mx.sym.Symbol, ranges: Mapping[str, Tuple[float, float]],
             node.setdefault('attrs', {})['out_type'] = 'int8'
     # a copy: the C++ pass writes the ranges into nodes it shares with its input
     calibrated = fuse(set_calib_table(mx.sym.load_json(json.dumps(graph)), ranges))
-    if not rewrites.drops and not rewrites.converts and not rewrites.requantize:
+    if not (rewrites.drops or rewrites.converts or rewrites.requantize or rewrites.layout):
         return calibrated
     view = _View(calibrated)
     graph = _with_converts(view, rewrites.converts, ranges)
     graph = _without(graph, rewrites.drops)
     graph = _requantize_apart(graph, rewrites.requantize, rewrites.pins)
+    graph = _layout_on_int8(graph, rewrites.layout)
     return mx.sym.load_json(json.dumps(graph))
 
 
@@ -268,6 +281,71 @@ def _requantize_apart(graph: dict, names: FrozenSet[str], pins: FrozenSet[str]) 
     return _rebuild(graph, order, lambda n: links[id(n) if n is not None else None])
 
 
+def _layout_on_int8(graph: dict, names: FrozenSet[str]) -> dict:
+    """The named FP32 layout nodes read the int8 tensor a dequantize node (or another such
+    node) reads, instead of the dequantized one. Their int8 outputs carry that tensor's
+    min/max: a quantize node after them is removed (its readers read the layout node), any
+    other reader gets a dequantize node of its own."""
+    links = _linked(graph)
+    nodes = graph['nodes']
+    ranges: Dict[Tuple[int, int], tuple] = {}  # (id(node), output) -> (min entry, max entry)
+    for node in nodes:
+        if node['name'] not in names:
+            continue
+        src, out, ver = links[id(node)][0]
+        if src['op'] == DEQUANTIZE:
+            data, low, high = links[id(src)][:3]
+        elif (id(src), out) in ranges:
+            data, (low, high) = (src, out, ver), ranges[(id(src), out)]
+        else:
+            continue
+        links[id(node)][0] = data
+        for k in range(int(node.get('attrs', {}).get('num_outputs', 1))):
+            ranges[(id(node), k)] = (low, high)
+    return _rebuild(graph, *_readers_of_int8(graph, links, ranges))
+
+
+def _readers_of_int8(graph: dict, links: Dict[int, list], ranges: dict):
+    """Node order and inputs after the layout rewrite: a quantize node of a rewritten
+    output disappears (its readers read the output and its range); a rewritten layout
+    node reads it as it is; any other reader (an FP32 op, a graph output) reads a
+    dequantize node of it."""
+    replace = {}  # id(quantize node) -> its outputs 0, 1, 2 as entries
+    for node in graph['nodes']:
+        if node['op'] == QUANTIZE:
+            src, out, ver = links[id(node)][0]
+            if (id(src), out) in ranges:
+                replace[id(node)] = [(src, out, ver)] + list(ranges[(id(src), out)])
+    added: Dict[Tuple[int, int], dict] = {}
+
+    def dequantized(src, out, ver):
+        deq = added.get((id(src), out))
+        if deq is None:
+            deq = added[(id(src), out)] = {
+                'op': DEQUANTIZE, 'name': '%s_output%d_dequantize' % (src['name'], out),
+                'attrs': {'out_type': 'float32'}}
+            links[id(deq)] = [(src, out, 0)] + list(ranges[(id(src), out)])
+        return deq, 0, ver
+
+    for key in [k for k in links if k not in replace]:
+        int8_reader = key is not None and (key, 0) in ranges  # a rewritten layout node
+        fixed = []
+        for slot, (src, out, ver) in enumerate(links[key]):
+            if id(src) in replace:
+                fixed.append(replace[id(src)][out])
+            elif (id(src), out) in ranges and not (int8_reader and slot == 0):
+                fixed.append(dequantized(src, out, ver))
+            else:
+                fixed.append((src, out, ver))
+        links[key] = fixed
+    after = {}
+    for (src_id, _), deq in added.items():
+        after.setdefault(src_id, []).append(deq)
+    order = [m for n in graph['nodes'] if id(n) not in replace
+             for m in [n] + after.get(id(n), [])]
+    return order, lambda n: links[id(n) if n is not None else None]
+
+
 def split_postsum_act(fused: mx.sym.Symbol, name: str) -> mx.sym.Symbol:
     """``fused`` with the activation after the sum of conv node ``name`` taken out into a
     node of its own: the same function, and the conv+sum emits int8."""
@@ -335,6 +413,26 @@ def analyse(qsym: mx.sym.Symbol, calib_layers: Sequence[str], data_names: Sequen
         weight = view.weight(node)
         found.append(_Node(node['name'], node['name'][len(PREFIX):],
                            pattern_of(node, weight, rewrites), tuple(inputs), weight))
+    return found + _layout_candidates(view, dtype_u, dtype_s, rewrites)
+
+
+def _layout_candidates(view: _View, dtype_u, dtype_s, rewrites: Rewrites) -> List[_Node]:
+    """FP32 layout nodes that read a dequantized INT8 tensor (or the int8 output of a
+    layout node already rewritten): they could run on the int8 tensor."""
+    found = []
+    for node in view.nodes:
+        if node['op'] not in LAYOUT_OPS or node['name'] in rewrites.layout:
+            continue
+        src, out, _ = node['inputs'][0]
+        producer = view.nodes[src]
+        if producer['op'] == DEQUANTIZE:
+            src, out, _ = producer['inputs'][0]
+        elif producer['name'] not in rewrites.layout:
+            continue
+        name = view.output_name(src, out)
+        dtype = dtype_u[name] if dtype_u[name] == dtype_s.get(name) else AUTO
+        given = _Input(dtype, view.nodes[src]['name'], view.quantizers(src), view.sources(src))
+        found.append(_Node(node['name'], node['name'], 'layout:' + node['op'], (given,), None))
     return found
 
 
@@ -345,10 +443,11 @@ class _Decision:
     split: List[str] = dataclasses.field(default_factory=list)       # fused conv nodes
     notes: Dict[str, Tuple[Tuple[str, ...], str]] = dataclasses.field(default_factory=dict)
 
-    def note(self, node: '_Node', what: str) -> None:
-        """Record ``what`` was done for ``node``, and the table's reason for it."""
+    def note(self, node: '_Node', what: str, why: bool = True) -> None:
+        """Record ``what`` was done for ``node``, and (``why``) the table's reason."""
         done, _ = self.notes.get(node.fp32, ((), ''))
-        reason = op_table.describe(node.pattern, _failing(node.pattern, node.dtypes))
+        reason = (op_table.describe(node.pattern, _failing(node.pattern, node.dtypes))
+                  if why else '')
         self.notes[node.fp32] = (tuple(dict.fromkeys(done + (what,))), reason)
 
     def add(self, kind: str, values) -> None:
@@ -420,6 +519,11 @@ def _apply(node: _Node, remedies: Sequence[Optional[str]], decision: _Decision) 
 def _decide(node: _Node, decision: _Decision) -> None:
     """Add to ``decision`` what makes ``node`` correct (nothing when it is)."""
     pattern, dtypes = node.pattern, node.dtypes
+    if pattern.startswith('layout:') if pattern else False:
+        if _works(pattern, dtypes):  # else it stays FP32 as it is, for lack of a kernel
+            decision.add('layout', [node.name])
+            decision.note(node, 'runs on the int8 tensor, with its range', why=False)
+        return
     if pattern is None:
         decision.fp32[node.fp32] = 'INT8 %s is not in the op table (never measured)' % \
             node.name
@@ -465,7 +569,8 @@ def plan_graph(fused: mx.sym.Symbol, excluded: Mapping[str, str], offline_params
         rewrites, decision = _settle(qsym, layers, data_names)
         _merge_notes(notes, decision.notes)
         if not decision.changes_graph:
-            notes = {n: '%s (%s)' % ('; '.join(done), why) for n, (done, why) in notes.items()}
+            notes = {n: '; '.join(done) + (' (%s)' % why if why else '')
+                     for n, (done, why) in notes.items()}
             return Plan(fused, qsym, layers, reasons, rewrites, notes,
                         _unsigned(qsym, layers, data_names, rewrites))
         for name, reason in decision.fp32.items():
@@ -519,7 +624,8 @@ def check_calibrated(qsym: mx.sym.Symbol, data_names: Sequence[str],
     whose input dtypes the op table does not call ok (empty when the plan held)."""
     view, dtypes = _View(qsym), _dtypes(qsym, data_names)
     problems = {}
-    for index in view.int8_nodes():
+    for index in view.int8_nodes() + [i for i, n in enumerate(view.nodes)
+                                       if n['name'] in rewrites.layout]:
         node = view.nodes[index]
         combo = []
         for src, out in view.data_inputs(index, dtypes):
@@ -527,10 +633,11 @@ def check_calibrated(qsym: mx.sym.Symbol, data_names: Sequence[str],
             if dtype == 'u8' and set(view.sources(src)) <= rewrites.reduce:
                 dtype = 'u7'
             combo.append(dtype)
-        pattern = pattern_of(node, view.weight(node), rewrites)
+        pattern = 'layout:' + node['op'] if node['name'] in rewrites.layout \
+            else pattern_of(node, view.weight(node), rewrites)
         if pattern is None or not op_table.is_ok(pattern, tuple(combo)):
-            problems[node['name'][len(PREFIX):]] = op_table.describe(pattern or node['op'],
-                                                                     tuple(combo))
+            name = node['name'][len(PREFIX):] if node['name'].startswith(PREFIX) else node['name']
+            problems[name] = op_table.describe(pattern or node['op'], tuple(combo))
     return problems
 
 

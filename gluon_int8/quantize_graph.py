@@ -213,11 +213,12 @@ def _quantize_int8(param: mx.nd.NDArray, levels: int = INT8_LEVELS):
 
 
 def summarize(nodes: Sequence[Node], qsym: mx.sym.Symbol, excluded: Mapping[str, str],
-              notes: Mapping[str, str] = (), removed: Iterable[str] = ()) -> List[LayerInfo]:
-    """One :class:`LayerInfo` per compute node of the fused graph. ``removed``: INT8 nodes
-    taken out of the graph as identities (they count as INT8)."""
+              notes: Mapping[str, str] = (), also_int8: Iterable[str] = ()) -> List[LayerInfo]:
+    """One :class:`LayerInfo` per compute node of the fused graph. ``also_int8``: names
+    (with the ``quantized_`` prefix) of layers that count as INT8 without an INT8 node:
+    ReLUs taken out as identities, layout ops run on int8 tensors."""
     notes = dict(notes)
-    quantized = {n.name for n in graph_nodes(qsym)} | set(removed)
+    quantized = {n.name for n in graph_nodes(qsym)} | set(also_int8)
     rows = []
     for node in nodes:
         if 'quantized_' + node.name in quantized:

@@ -216,8 +216,7 @@ def _jobs(view: _View, dtypes, fused: mx.sym.Symbol, data_names) -> List[_Job]:
         data = view.data_inputs(index, dtypes)
         if len(data) != len(slots):
             continue  # the node reads an input the FP32 node does not (nothing to compare)
-        inputs = [(view.output_name(s, 0), view.output_name(s, 1), view.output_name(s, 2))
-                  for s, _ in data]
+        inputs = [(view.output_name(s, o),) + view.range_of(s, o) for s, o in data]
         outs = [view.outputs[(index, k)] for k in range(3) if (index, k) in view.outputs]
         output = (outs[0], outs[1], outs[2]) if len(outs) == 3 else (outs[0], None, None)
         jobs.append(_Job(index, fp32, inputs, output, names, slots))

@@ -132,7 +132,7 @@ def test_probe_networks_quantize_correctly(pattern):
                   and 'u7' not in e.inputs]:
         rng = np.random.RandomState(0)
         dtypes = conformance._inputs(entry)
-        fn, children, shape, _ = conformance._network(entry.pattern, len(dtypes))
+        fn, children, shape, _ = conformance.network(entry)
         cls = conformance._Probe2 if len(dtypes) == 2 else conformance._Probe
         block = cls(fn, len(dtypes), **{k: f() for k, f in children.items()})
         conformance._set_params(block, rng)

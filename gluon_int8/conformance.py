@@ -4,7 +4,7 @@ For an entry (pattern, input dtypes), a probe
 
 1. builds a tiny network whose quantized graph holds the pattern's INT8 node with exactly
    those input dtypes: each data input is a network input, quantized by its own
-   quantize node (``u8``/``u7``: values >= 0, ``s8``: signed);
+   quantize node (``u8``: values >= 0, ``s8``: signed);
 2. feeds it values that lie exactly on the int8/uint8 grid of their ranges (random codes,
    over the full code range, where saturation shows), so the quantize nodes are exact;
 3. gives every calibrated output 70% of its observed range (as the clipping calibration
@@ -40,8 +40,8 @@ from .trace import build_symbol_block, trace
 
 log = logging.getLogger(__name__)
 
-CODE_RANGE = {'u8': (0, 255), 'u7': (0, 127), 's8': (-127, 127)}
-LEVELS = {'u8': 255.5, 'u7': 255.5, 's8': 127.5}
+CODE_RANGE = {'u8': (0, 255), 's8': (-127, 127)}
+LEVELS = {'u8': 255.5, 's8': 127.5}
 SHORT = {'int8': 's8', 'uint8': 'u8', 'float32': 'f32', 'int32': 's32'}
 BATCH = 4
 IMAGE = (16, 8, 8)

@@ -11,10 +11,7 @@ an exact oracle):
 * ``wrong``: it returns numbers, but wrong ones (a misread dtype, int16 saturation);
 * ``crash``: it raises.
 
-Input dtype codes: ``s8`` (int8), ``u8`` (uint8 over its full range), ``u7`` (uint8 whose
-codes stay below 128 because its range was doubled: the remedy for oneDNN's int8 kernels
-on CPUs without VNNI, whose ``vpmaddubsw`` sums pairs of u8*s8 products in int16 and
-saturates). Patterns: ``conv``, ``conv+act``, ``conv+sum``, ``conv+sum+act`` (oneDNN conv
+Input dtype codes: ``s8`` (int8), ``u8`` (uint8). Patterns: ``conv``, ``conv+act``, ``conv+sum``, ``conv+sum+act`` (oneDNN conv
 with fused activation / residual sum / activation after the sum); ``fc``, ``fc+act``
 (with ``.w7``: 7-bit weights, ``.ch``: per-channel weights quantized by MXNet);
 ``pool:max``, ``pool:avg`` (``:global``); ``concat``, ``add``, ``mul``, ``batchnorm``,
@@ -85,14 +82,13 @@ def _combos(*choices) -> Iterable[Tuple[str, ...]]:
             yield (head,) + tail
 
 
-U8S8 = ('u8', 'u7', 's8')   # inputs of kernels that multiply (conv, FC)
-DTYPES = ('u8', 's8')       # inputs of the others
+DTYPES = ('u8', 's8')
 
 ENTRIES: Tuple[Entry, ...] = tuple(
-    [Entry(p, c) for p in ('conv', 'conv+act') for c in _combos(U8S8)]
-    + [Entry(p, c) for p in ('conv+sum', 'conv+sum+act') for c in _combos(U8S8, DTYPES)]
+    [Entry(p, c) for p in ('conv', 'conv+act') for c in _combos(DTYPES)]
+    + [Entry(p, c) for p in ('conv+sum', 'conv+sum+act') for c in _combos(DTYPES, DTYPES)]
     + [Entry(p, c) for p in ('fc', 'fc+act', 'fc.w7', 'fc+act.w7', 'fc.ch', 'fc+act.ch')
-       for c in _combos(U8S8)]
+       for c in _combos(DTYPES)]
     + [Entry(p, c) for p in ('pool:max', 'pool:avg', 'pool:max:global', 'pool:avg:global',
                              'batchnorm', 'act:relu', 'flatten') for c in _combos(DTYPES)]
     + [Entry(p, c) for p in ('add', 'add.rq', 'mul', 'mul.wide')
@@ -107,40 +103,28 @@ RECORDED: Dict[str, Dict[str, Result]] = {
     # AMD EPYC, AVX2 without VNNI (no AVX-512): u8*s8 products saturate in int16 pairs
     'mxnet-1.9.1/avx2': {
         'conv(u8)': Result('wrong', 24.97, 's8'),
-        'conv(u7)': Result('ok', 0.64, 's8'),
         'conv(s8)': Result('ok', 0.5, 's8'),
         'conv+act(u8)': Result('wrong', 70.21, 'u8'),
-        'conv+act(u7)': Result('ok', 0.76, 'u8'),
         'conv+act(s8)': Result('ok', 0.5, 'u8'),
         'conv+sum(u8,u8)': Result('wrong', 253.5, 's8'),
         'conv+sum(u8,s8)': Result('wrong', 24.65, 's8'),
-        'conv+sum(u7,u8)': Result('wrong', 255.5, 's8'),
-        'conv+sum(u7,s8)': Result('ok', 0.63, 's8'),
         'conv+sum(s8,u8)': Result('wrong', 253.5, 's8'),
         'conv+sum(s8,s8)': Result('ok', 0.5, 's8'),
         'conv+sum+act(u8,u8)': Result('wrong', 64.57, 'u8'),
         'conv+sum+act(u8,s8)': Result('wrong', 128.5, 'u8'),
-        'conv+sum+act(u7,u8)': Result('ok', 0.89, 'u8'),
-        'conv+sum+act(u7,s8)': Result('wrong', 128.5, 'u8'),
         'conv+sum+act(s8,u8)': Result('ok', 0.5, 'u8'),
         'conv+sum+act(s8,s8)': Result('wrong', 128.5, 'u8'),
         'fc(u8)': Result('wrong', 15.52, 'f32'),
-        'fc(u7)': Result('ok', 0.0, 'f32'),
         'fc(s8)': Result('wrong', 17.74, 'f32'),
         'fc+act(u8)': Result('wrong', 32.54, 'u8'),
-        'fc+act(u7)': Result('ok', 0.5, 'u8'),
         'fc+act(s8)': Result('wrong', 86.17, 'u8'),
         'fc.w7(u8)': Result('ok', 0.0, 'f32'),
-        'fc.w7(u7)': Result('ok', 0.0, 'f32'),
         'fc.w7(s8)': Result('ok', 0.0, 'f32'),
         'fc+act.w7(u8)': Result('ok', 0.5, 'u8'),
-        'fc+act.w7(u7)': Result('ok', 0.5, 'u8'),
         'fc+act.w7(s8)': Result('ok', 0.5, 'u8'),
         'fc.ch(u8)': Result('wrong', 19.02, 'f32'),
-        'fc.ch(u7)': Result('ok', 0.11, 'f32'),
         'fc.ch(s8)': Result('wrong', 31.67, 'f32'),
         'fc+act.ch(u8)': Result('wrong', 46.31, 'u8'),
-        'fc+act.ch(u7)': Result('ok', 0.75, 'u8'),
         'fc+act.ch(s8)': Result('wrong', 108.98, 'u8'),
         'pool:max(u8)': Result('ok', 0.0, 'u8'),
         'pool:max(s8)': Result('ok', 0.0, 's8'),
@@ -308,11 +292,7 @@ def lookup(pattern: str, inputs: Tuple[str, ...]) -> Optional[Result]:
 
 
 def normalize_inputs(pattern: str, inputs: Tuple[str, ...]) -> Tuple[str, ...]:
-    """Concat is measured by the set of its input dtypes; others by position. Only the
-    first input of a conv or FC is multiplied: elsewhere a u7 input is a u8 input."""
-    multiplied = 1 if pattern.startswith(('conv', 'fc')) else 0
-    inputs = tuple(inputs[:multiplied]) + tuple('u8' if d == 'u7' else d
-                                                for d in inputs[multiplied:])
+    """Concat is measured by the set of its input dtypes; others by position."""
     if pattern == 'concat':
         return tuple(sorted(set(inputs)))
     return tuple(inputs)

@@ -7,8 +7,6 @@ looks at every INT8 node of the graph as it will run (after calibration and the
 post-quantization fusion), with the dtypes of its data inputs, and asks the table. For a
 combination that is not ``ok`` it takes the cheapest remedy the table says is correct:
 
-* ``reduce``: a u8 tensor read by a kernel that saturates at 8 bits (oneDNN's u8*s8
-  without VNNI) gets a doubled range, so its codes stay below 128 (``u7``);
 * ``pin``: a quantize node whose dtype follows its calibrated range ('auto') emits int8,
   for a kernel that reads int8 only;
 * ``convert``: a uint8 tensor on its way to a kernel that reads int8 only passes a
@@ -18,12 +16,16 @@ combination that is not ``ok`` it takes the cheapest remedy the table says is co
 * ``7-bit weights``: an FC whose kernel saturates with 8-bit weights stores 7-bit ones;
 * ``requantize``: an INT8 add emits int32 and a requantize node of its own follows (its
   fused requantize shares oneDNN primitives between adds that it must not share);
+* ``signed``: a conv whose ReLU makes it emit uint8, read by a kernel that gets uint8
+  wrong (oneDNN's u8*s8 saturates in int16 pairs without VNNI), gets a leaky ReLU of slope
+  :data:`SIGNED_SLOPE` instead: it then emits int8, whose codes stop at 127 (the ReLU's
+  function to well below one step of any 8-bit grid);
 * ``split``: a conv+sum+ReLU whose sum input is int8 (its oneDNN kernel writes uint8
   values into the sum's int8 buffer) becomes conv+sum and a ReLU of its own;
 * ``FP32``: the node stays FP32, with the reason.
 
-The first six change neither the graph MXNet quantizes nor what calibration needs;
-``split`` and ``FP32`` do, and the pass runs again. The dtype of a quantize node follows
+The first five change neither the graph MXNet quantizes nor what calibration needs;
+``signed``, ``split`` and ``FP32`` do, and the pass runs again. The dtype of a quantize node follows
 its calibrated range, which is not known while planning: the plan holds for either
 dtype, and :func:`check_calibrated` looks again once the ranges are set.
 """
@@ -41,7 +43,8 @@ from .quantize_graph import graph_outputs, quantize_symbol, set_calib_table
 
 log = logging.getLogger(__name__)
 
-from .op_table import CONVERSIONS, DEQUANTIZE, LAYOUT_OPS, PASS_THROUGH, QUANTIZE, REQUANTIZE
+from .op_table import (CONVERSIONS, DEQUANTIZE, LAYOUT_OPS, PASS_THROUGH, QUANTIZE, REQUANTIZE,
+                       _true)
 
 _DTYPES = {np.dtype(np.int8): 's8', np.dtype(np.uint8): 'u8', np.dtype(np.int32): 's32'}
 AUTO = 'auto'
@@ -57,7 +60,6 @@ class Rewrites:
     drops: FrozenSet[str] = frozenset()                 # INT8 ReLU nodes removed
     converts: FrozenSet[Tuple[str, str]] = frozenset()  # (consumer, producer) edges -> s8
     seven_bit: FrozenSet[str] = frozenset()             # FC weights stored in 7 bits
-    reduce: FrozenSet[str] = frozenset()                # calibrated tensors whose range doubles
     # INT8 adds that emit int32 into a requantize node of their own
     requantize: FrozenSet[str] = frozenset()
     # FP32 layout ops (reshape, swapaxes, split, ...) run on the int8 tensor instead
@@ -175,19 +177,27 @@ def pattern_of(node: dict, weight: Optional[str], rewrites: 'Rewrites') -> Optio
 # -- the graph that runs ---------------------------------------------------------------
 
 def finalize(qsym: mx.sym.Symbol, ranges: Mapping[str, Tuple[float, float]],
-             rewrites: Rewrites) -> mx.sym.Symbol:
-    """``qsym`` with its pins, ranges, the post-quantization fusion, then its converts and
-    drops: the INT8 graph that runs."""
-    graph = json.loads(qsym.tojson())
-    for node in graph['nodes']:
-        if node['op'] == QUANTIZE and node['name'] in rewrites.pins:
-            node.setdefault('attrs', {})['out_type'] = 'int8'
-    # a copy: the C++ pass writes the ranges into nodes it shares with its input
-    calibrated = fuse(set_calib_table(mx.sym.load_json(json.dumps(graph)), ranges))
+             rewrites: Rewrites, cache: Optional[dict] = None,
+             cache_key: str = '') -> mx.sym.Symbol:
+    """``qsym`` with its pins, ranges, the post-quantization fusion, then its converts,
+    drops, requantized adds and int8 layout ops: the INT8 graph that runs. With ``cache``,
+    the fused graph is kept under ``(cache_key, pins)`` (the caller says that ``qsym`` and
+    the ranges are the same for a key)."""
+    key = (cache_key, rewrites.pins)
+    calibrated = cache.get(key) if cache is not None else None
+    if calibrated is None:
+        graph = json.loads(qsym.tojson())
+        for node in graph['nodes']:
+            if node['op'] == QUANTIZE and node['name'] in rewrites.pins:
+                node.setdefault('attrs', {})['out_type'] = 'int8'
+        # a copy: the C++ pass writes the ranges into nodes it shares with its input
+        calibrated = fuse(set_calib_table(mx.sym.load_json(json.dumps(graph)), ranges))
+        if cache is not None:
+            cache[key] = calibrated
     if not (rewrites.drops or rewrites.converts or rewrites.requantize or rewrites.layout):
         return calibrated
-    view = _View(calibrated)
-    graph = _with_converts(view, rewrites.converts, ranges)
+    graph = _with_converts(_View(calibrated), rewrites.converts, ranges) \
+        if rewrites.converts else json.loads(calibrated.tojson())
     graph = _without(graph, rewrites.drops)
     graph = _requantize_apart(graph, rewrites.requantize, rewrites.pins)
     graph = _layout_on_int8(graph, rewrites.layout)
@@ -394,11 +404,14 @@ class _Node:
 
 
 def analyse(qsym: mx.sym.Symbol, calib_layers: Sequence[str], data_names: Sequence[str],
-            rewrites: Rewrites) -> List[_Node]:
+            rewrites: Rewrites, fused_cache: Optional[dict] = None) -> List[_Node]:
     """Every INT8 node of the graph that will run, with its input dtypes: fixed whatever
-    the ranges, or 'auto'."""
-    unsigned = finalize(qsym, {n: (0.0, 1.0) for n in calib_layers}, rewrites)
-    signed = finalize(qsym, {n: (-1.0, 1.0) for n in calib_layers}, rewrites)
+    the ranges, or 'auto'. ``fused_cache`` keeps the (costly) calibrated-and-fused graphs
+    between calls on the same ``qsym``: they depend only on the pins."""
+    unsigned = finalize(qsym, {n: (0.0, 1.0) for n in calib_layers}, rewrites,
+                        fused_cache, 'unsigned')
+    signed = finalize(qsym, {n: (-1.0, 1.0) for n in calib_layers}, rewrites,
+                      fused_cache, 'signed')
     dtype_u, dtype_s = _dtypes(unsigned, data_names), _dtypes(signed, data_names)
     view = _View(unsigned)
     found = []
@@ -441,6 +454,7 @@ class _Decision:
     rewrites: Dict[str, set] = dataclasses.field(default_factory=dict)
     fp32: Dict[str, str] = dataclasses.field(default_factory=dict)   # fused node -> reason
     split: List[str] = dataclasses.field(default_factory=list)       # fused conv nodes
+    signed: List[str] = dataclasses.field(default_factory=list)      # fused conv nodes
     notes: Dict[str, Tuple[Tuple[str, ...], str]] = dataclasses.field(default_factory=dict)
 
     def note(self, node: '_Node', what: str, why: bool = True) -> None:
@@ -455,15 +469,15 @@ class _Decision:
 
     @property
     def changes_graph(self) -> bool:
-        return bool(self.fp32 or self.split)
+        return bool(self.fp32 or self.split or self.signed)
 
 
-_EXPAND = {AUTO: ('u8', 's8'), 'auto7': ('u7', 's8')}
+_EXPAND = {AUTO: ('u8', 's8')}
 # per input dtype: (dtype after the remedy, the remedy), cheapest first
-_OPTIONS = {'u8': (('u8', None), ('u7', 'reduce'), ('s8', 'converts')),
+_OPTIONS = {'u8': (('u8', None), ('s8', 'converts')),
             's8': (('s8', None),),
-            AUTO: ((AUTO, None), ('auto7', 'reduce'), ('s8', 'pins'))}
-_COST = {None: 0, 'reduce': 1, 'pins': 2, 'converts': 3}
+            AUTO: ((AUTO, None), ('s8', 'pins'))}
+_COST = {None: 0, 'pins': 1, 'converts': 2}
 
 
 def _combos(dtypes: Sequence[str]) -> List[Tuple[str, ...]]:
@@ -503,9 +517,7 @@ def _failing(pattern: str, dtypes: Sequence[str]) -> Tuple[str, ...]:
 
 def _apply(node: _Node, remedies: Sequence[Optional[str]], decision: _Decision) -> None:
     for remedy, given in zip(remedies, node.inputs):
-        if remedy == 'reduce':
-            decision.add('reduce', given.sources)
-        elif remedy == 'pins':
+        if remedy == 'pins':
             decision.add('pins', given.quantizers)
         elif remedy == 'converts':
             decision.add('converts', [(node.name, given.producer)])
@@ -516,8 +528,23 @@ def _apply(node: _Node, remedies: Sequence[Optional[str]], decision: _Decision) 
             decision.note(node, what[u])
 
 
-def _decide(node: _Node, decision: _Decision) -> None:
-    """Add to ``decision`` what makes ``node`` correct (nothing when it is)."""
+def _signed_producers(node: _Node, remedies, signable: FrozenSet[str]) -> List[str]:
+    """The ReLU'd convs behind the inputs a remedy would convert to int8, when every one
+    of them can emit int8 itself (a leaky ReLU): no conversion at run time then."""
+    found = []
+    for remedy, given in zip(remedies, node.inputs):
+        if remedy != 'converts':
+            continue
+        names = [s[:-len('_output')] for s in given.sources if s.endswith('_output')]
+        if not names or len(names) < len(given.sources) or not set(names) <= signable:
+            return []
+        found.extend(names)
+    return found
+
+
+def _decide(node: _Node, decision: _Decision, signable: FrozenSet[str] = frozenset()) -> None:
+    """Add to ``decision`` what makes ``node`` correct (nothing when it is). ``signable``:
+    the fused convs whose ReLU may become a leaky one (see ``signed``)."""
     pattern, dtypes = node.pattern, node.dtypes
     if pattern.startswith('layout:') if pattern else False:
         if _works(pattern, dtypes):  # else it stays FP32 as it is, for lack of a kernel
@@ -533,6 +560,11 @@ def _decide(node: _Node, decision: _Decision) -> None:
         decision.note(node, 'removed: the ReLU of a uint8 tensor is the identity')
         return
     remedies = _remedies(pattern, dtypes)
+    producers = _signed_producers(node, remedies, signable) if remedies else []
+    if producers:
+        decision.signed.extend(producers)
+        decision.note(node, 'its uint8 input comes signed (leaky ReLU, slope %g)' % SIGNED_SLOPE)
+        return
     if remedies is not None:
         _apply(node, remedies, decision)
         return
@@ -566,7 +598,7 @@ def plan_graph(fused: mx.sym.Symbol, excluded: Mapping[str, str], offline_params
     for _ in range(MAX_ROUNDS):
         qsym, layers = quantize_symbol(fused, sorted(reasons), offline_params, quantized_dtype,
                                        quantize_mode, granularity)
-        rewrites, decision = _settle(qsym, layers, data_names)
+        rewrites, decision = _settle(qsym, layers, data_names, _signable(fused))
         _merge_notes(notes, decision.notes)
         if not decision.changes_graph:
             notes = {n: '; '.join(done) + (' (%s)' % why if why else '')
@@ -578,7 +610,51 @@ def plan_graph(fused: mx.sym.Symbol, excluded: Mapping[str, str], offline_params
         reasons.update(decision.fp32)
         for name in decision.split:
             fused = split_postsum_act(fused, name)
+        for name in dict.fromkeys(decision.signed):
+            fused = signed_relu(fused, name)
     raise RuntimeError('plan: no stable plan after %d rounds' % MAX_ROUNDS)
+
+
+# the slope of the leaky ReLU that makes a ReLU'd conv emit int8: a negative input x
+# gives SIGNED_SLOPE * x, below half a step of any 8-bit grid whose range is above
+# 2.6e-4 * |x| (MXNet counts a ReLU with a non-zero slope as signed)
+SIGNED_SLOPE = 1e-6
+
+
+def _relu_of(node: dict) -> Optional[dict]:
+    """The inner ReLU that makes a fused conv emit uint8: the one after its sum, or after
+    the conv where there is no sum; None if its output is signed already."""
+    if node['op'] != '_sg_mkldnn_conv':
+        return None
+    inner = node['subgraphs'][0]['nodes']
+    acts = [n for n in inner if n['op'] == 'Activation'
+            and n.get('attrs', {}).get('act_type') == 'relu']
+    with_sum = any(n['op'] == 'elemwise_add' for n in inner)
+    head = inner[node['subgraphs'][0]['heads'][0][0]]
+    if not acts or head not in acts or (with_sum and not _true(node.get('attrs', {}),
+                                                                'with_postsum_act')):
+        return None
+    return head
+
+
+def _signable(fused: mx.sym.Symbol) -> FrozenSet[str]:
+    """The fused convs whose output is uint8 because of a ReLU that can be made leaky."""
+    return frozenset(n['name'] for n in json.loads(fused.tojson())['nodes']
+                     if _relu_of(n) is not None)
+
+
+def signed_relu(fused: mx.sym.Symbol, name: str) -> mx.sym.Symbol:
+    """``fused`` with the ReLU of conv node ``name`` made a leaky ReLU of slope
+    :data:`SIGNED_SLOPE`: the same function to well below one 8-bit step, and the INT8
+    conv emits int8 instead of uint8."""
+    graph = json.loads(fused.tojson())
+    node = next(n for n in graph['nodes'] if n['name'] == name)
+    relu = _relu_of(node)
+    relu['op'] = 'LeakyReLU'
+    relu['attrs'] = {'act_type': 'leaky', 'slope': repr(SIGNED_SLOPE)}
+    log.info('%s: its ReLU becomes a leaky ReLU of slope %g, so that it emits int8', name,
+             SIGNED_SLOPE)
+    return mx.sym.load_json(json.dumps(graph))
 
 
 def _merge_notes(into: dict, more: dict) -> None:
@@ -587,14 +663,14 @@ def _merge_notes(into: dict, more: dict) -> None:
         into[node] = (tuple(dict.fromkeys(before + done)), why)
 
 
-def _settle(qsym, layers, data_names) -> Tuple[Rewrites, _Decision]:
+def _settle(qsym, layers, data_names, signable: FrozenSet[str]) -> Tuple[Rewrites, _Decision]:
     """Rewrites of one quantized graph until every node is correct or the graph itself
     must change (the decision then says how)."""
-    rewrites, notes = Rewrites(), {}
+    rewrites, notes, fused_cache = Rewrites(), {}, {}
     for _ in range(MAX_ROUNDS):
         decision = _Decision()
-        for node in analyse(qsym, layers, data_names, rewrites):
-            _decide(node, decision)
+        for node in analyse(qsym, layers, data_names, rewrites, fused_cache):
+            _decide(node, decision, signable)
             if decision.changes_graph:  # decide the rest on the new graph
                 break
         _merge_notes(notes, decision.notes)
@@ -629,10 +705,7 @@ def check_calibrated(qsym: mx.sym.Symbol, data_names: Sequence[str],
         node = view.nodes[index]
         combo = []
         for src, out in view.data_inputs(index, dtypes):
-            dtype = dtypes[view.output_name(src, out)]
-            if dtype == 'u8' and set(view.sources(src)) <= rewrites.reduce:
-                dtype = 'u7'
-            combo.append(dtype)
+            combo.append(dtypes[view.output_name(src, out)])
         pattern = 'layout:' + node['op'] if node['name'] in rewrites.layout \
             else pattern_of(node, view.weight(node), rewrites)
         if pattern is None or not op_table.is_ok(pattern, tuple(combo)):
@@ -644,14 +717,11 @@ def check_calibrated(qsym: mx.sym.Symbol, data_names: Sequence[str],
 def ranges_in_graph(ranges: Mapping[str, Tuple[float, float]],
                     plan: Plan) -> Dict[str, Tuple[float, float]]:
     """The ranges the INT8 graph uses. A tensor that is uint8 whatever its range gets
-    ``[0, T]`` (a custom collector may report a negative min there: MXNet's next kernel
-    would refuse it); the non-negative ranges of the ``reduce`` tensors are doubled
-    (their uint8 codes then stay below 128)."""
+    ``[0, T]``: a custom collector may report a negative min there, which MXNet's next
+    kernel would refuse."""
     used = {}
     for name, (lo, hi) in ranges.items():
         if name in plan.unsigned and lo < 0:
             lo, hi = 0.0, max(-lo, hi)
-        if name in plan.rewrites.reduce and lo >= 0:
-            hi *= 2.0
         used[name] = (lo, hi)
     return used

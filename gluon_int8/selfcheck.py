@@ -247,7 +247,11 @@ def _run(symbol: mx.sym.Symbol, wanted: Optional[List[str]], data_names: Sequenc
     first cast to a float32 copy, which no in-place kernel of the graph (an INT8 ReLU
     writes over its input) can overwrite before it is read."""
     from .trace import build_symbol_block  # pylint: disable=import-outside-toplevel
-    outputs = [symbol[w] for w in wanted] if wanted is not None else list(symbol)
+    if wanted is None:
+        outputs = list(symbol)
+    else:  # by position: indexing by name searches every output's name each time
+        position = {name: i for i, name in enumerate(symbol.list_outputs())}
+        outputs = [symbol[position[w]] for w in wanted]
     if copy:
         outputs = [mx.sym.Cast(o, dtype='float32') for o in outputs]
     group = mx.sym.Group([mx.sym.BlockGrad(o) for o in outputs])

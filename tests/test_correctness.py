@@ -4,6 +4,7 @@ The two tiny networks of the correctness issue, as graph tests: both failed befo
 fusion guard and the op table (INT8 cosine 0.24 and 0.9425 against FP32).
 """
 import logging
+import re
 
 import mxnet as mx
 import numpy as np
@@ -85,8 +86,11 @@ def test_relu_shortcut_converts_the_sum_input():
     net, inputs = make_net(ReLUShortcut, (8, 3, 12, 12))
     qnet = gluon_int8.quantize_net(net, [tuple(inputs)] * 2)
     (row,) = [r for r in qnet.layers if 'add' in r.name]
-    assert row.dtype == 'int8' and 'uint8 input converted to int8' in row.note
-    assert 'conv+sum(' in row.note and ',u8)' in row.note
+    # the table names the defective conv+sum kernel on this CPU, and the plan feeds it
+    # int8: by a conversion of the uint8 input, or by a producer that emits it signed
+    assert row.dtype == 'int8'
+    assert re.search(r'conv\+sum\((u8,[su]8|s8,u8)\) computes wrong values', row.note)
+    assert 'uint8 input converted to int8' in row.note or 'comes signed' in row.note
 
 
 def test_a_fusion_that_changes_the_function_is_refused(monkeypatch):

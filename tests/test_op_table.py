@@ -66,13 +66,12 @@ def fake_table(monkeypatch, ok):
 
 
 def test_remedies_take_the_cheapest_correct_choice(monkeypatch):
-    fake_table(monkeypatch, {'conv(u7)', 'conv(s8)', 'conv+sum(s8,s8)', 'conv+sum(u7,s8)',
-                             'mul(s8,s8)', 'add(u8,u8)', 'add(u8,s8)', 'add(s8,u8)',
-                             'add(s8,s8)'})
+    fake_table(monkeypatch, {'conv(s8)', 'conv+sum(s8,s8)', 'mul(s8,s8)', 'add(u8,u8)',
+                             'add(u8,s8)', 'add(s8,u8)', 'add(s8,s8)'})
     assert plan._remedies('conv', ['s8']) == (None,)
-    assert plan._remedies('conv', ['u8']) == ('reduce',)             # u7 beats converting
-    assert plan._remedies('conv', ['auto']) == ('reduce',)           # {u7, s8} both ok
-    assert plan._remedies('conv+sum', ['u8', 'u8']) == ('reduce', 'converts')
+    assert plan._remedies('conv', ['u8']) == ('converts',)
+    assert plan._remedies('conv', ['auto']) == ('pins',)            # pinning beats converting
+    assert plan._remedies('conv+sum', ['u8', 'u8']) == ('converts', 'converts')
     assert plan._remedies('conv+sum', ['s8', 'auto']) == (None, 'pins')
     assert plan._remedies('mul', ['auto', 'u8']) == ('pins', 'converts')
     assert plan._remedies('add', ['auto', 'auto']) == (None, None)
@@ -80,15 +79,15 @@ def test_remedies_take_the_cheapest_correct_choice(monkeypatch):
     assert plan._failing('mul', ['auto', 's8']) == ('u8', 's8')
 
 
-def test_u7_is_a_u8_where_nothing_multiplies_it():
-    assert op_table.normalize_inputs('conv+sum', ('u7', 'u7')) == ('u7', 'u8')
-    assert op_table.normalize_inputs('pool:max', ('u7',)) == ('u8',)
+def test_concat_is_measured_by_the_set_of_its_input_dtypes():
     assert op_table.normalize_inputs('concat', ('u8', 's8', 'u8')) == ('s8', 'u8')
+    assert op_table.normalize_inputs('conv+sum', ('u8', 's8')) == ('u8', 's8')
 
 
 def test_the_table_drives_the_plan(monkeypatch):
     """The same residual block under three (fake) tables: all correct, nothing is done;
-    conv+sum+ReLU wrong with a uint8 sum, the sum input is converted to int8; wrong with
+    conv+sum+ReLU wrong with a uint8 sum, the sum input is made int8 (its ReLU'd producer
+    emits int8, or it is converted); wrong with
     every sum dtype, the layer stays FP32 and says why."""
     from conftest import ConvBNSum, make_net
     net, inputs = make_net(ConvBNSum, (4, 3, 16, 16))
@@ -104,8 +103,8 @@ def test_the_table_drives_the_plan(monkeypatch):
     assert all(r.dtype == 'int8' and not r.note for r in qnet.layers)
     u8_sum = {k for k in everything if k.startswith('conv+sum+act(') and k.endswith(',u8)')}
     qnet, row = residual(everything - u8_sum)
-    assert row.dtype == 'int8' and row.note.startswith('uint8 input converted to int8')
-    assert 'conv+sum+act(u8,u8)' in row.note
+    assert row.dtype == 'int8' and 'conv+sum+act(u8,u8)' in row.note
+    assert row.note.startswith(('its uint8 input comes signed', 'uint8 input converted'))
     qnet, row = residual(everything - {k for k in everything if k.startswith('conv+sum+act(')})
     assert row.dtype == 'fp32' and 'conv+sum+act(u8,u8)' in row.reason
 
@@ -129,7 +128,7 @@ def test_probe_networks_quantize_correctly(pattern):
     table says a kernel is wrong the plan avoids it, so the output stays within a few
     output steps of FP32 and the self-check finds no defect."""
     for entry in [e for e in op_table.ENTRIES if e.pattern.split('.')[0] == pattern
-                  and 'u7' not in e.inputs]:
+]:
         rng = np.random.RandomState(0)
         dtypes = conformance._inputs(entry)
         fn, children, shape, _ = conformance.network(entry)

@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 
 from gluon_int8.collectors import HistogramCollector, LayerStats, MinMaxCollector
-from gluon_int8.thresholds import (MIN_THRESHOLD, THRESHOLDS, entropy_threshold, get_threshold_fn,
+from gluon_int8.thresholds import (KL_MSE_GUARD, MIN_THRESHOLD, THRESHOLDS, entropy_threshold,
+                                   kl_threshold, get_threshold_fn,
                                    kl_curve, mse_curve, mse_threshold, naive_threshold,
                                    percentile_threshold)
 
@@ -69,13 +70,37 @@ def test_kl_curve_matches_brute_force_loop():
         np.testing.assert_allclose(fast, slow, rtol=1e-9, atol=1e-12)
 
 
-def test_entropy_clips_outliers_and_stays_below_max():
+def _error_ratio(stats, levels, threshold):
+    """Expected squared error at ``threshold`` over the least one."""
+    thresholds, curve = mse_curve(stats, levels)
+    return curve[np.searchsorted(thresholds, threshold - 1e-12)] / curve.min()
+
+
+def test_kl_clips_outliers_and_the_guard_keeps_them_when_they_dominate_the_error():
     rng = np.random.RandomState(1)
-    values = np.concatenate([rng.randn(200000), [60.0, -80.0]])
-    stats = stats_of(values)
-    threshold = entropy_threshold(stats, 127)
-    assert threshold <= 80.0
-    assert 2.0 < threshold < 20.0  # the gaussian bulk is kept, the outliers are clipped
+    stats = stats_of(np.concatenate([rng.randn(200000), [60.0, -80.0]]))
+    kl = kl_threshold(stats, 127)
+    assert 2.0 < kl < 20.0  # KL keeps the gaussian bulk, clips the outliers
+    # clipping 60 and -80 to ~5 costs (55^2 + 75^2) / 200002 = 0.043 per value, more
+    # than twice what a grid coarse enough to hold them costs
+    assert _error_ratio(stats, 127, kl) > 2.0
+    assert entropy_threshold(stats, 127) == mse_threshold(stats, 127)
+    assert 20.0 < entropy_threshold(stats, 127) <= 80.0
+
+
+def test_entropy_takes_the_least_error_threshold_only_past_the_guard():
+    rng = np.random.RandomState(0)
+    heavy = stats_of(rng.lognormal(0, 1, 200000))  # a heavy tail KL clips hard
+    kl, mse = kl_threshold(heavy, 127), mse_threshold(heavy, 127)
+    assert kl < 25.0 < mse < heavy.max and _error_ratio(heavy, 127, kl) > 5.0
+    assert entropy_threshold(heavy, 127) == mse
+    half = stats_of(np.maximum(rng.randn(200000), 0))  # ReLU of a gaussian: no real tail
+    assert mse_threshold(half, 127) < kl_threshold(half, 127)
+    assert _error_ratio(half, 127, kl_threshold(half, 127)) <= KL_MSE_GUARD
+    assert entropy_threshold(half, 127) == kl_threshold(half, 127)
+    expo = stats_of(rng.exponential(size=200000))  # past the guard, but KL is the larger
+    assert _error_ratio(expo, 127, kl_threshold(expo, 127)) > KL_MSE_GUARD
+    assert entropy_threshold(expo, 127) == kl_threshold(expo, 127) > mse_threshold(expo, 127)
 
 
 def test_entropy_keeps_uniform_range():
@@ -162,7 +187,7 @@ def test_entropy_agrees_with_mxnet_builtin_search(kind):
     reference = float(_get_optimal_threshold((hist, edges, values.min(), values.max(), peak),
                                              'auto')[2])
     levels = 255 if values.min() >= 0 else 127
-    ours = entropy_threshold(stats_of(values), levels, tie_margin=0.0)  # the plain argmin
+    ours = kl_threshold(stats_of(values), levels, tie_margin=0.0)  # the plain argmin
     assert ours == pytest.approx(reference, rel=0.15)
     assert ours < peak
 
@@ -171,8 +196,8 @@ def test_entropy_tie_margin_takes_the_largest_near_minimal_threshold():
     rng = np.random.RandomState(7)
     stats = stats_of(np.maximum(rng.laplace(size=200000), 0).astype(np.float32))
     thresholds, divergence = kl_curve(stats, 255)
-    plain = entropy_threshold(stats, 255, tie_margin=0.0)
-    tied = entropy_threshold(stats, 255)  # default 5% margin
+    plain = kl_threshold(stats, 255, tie_margin=0.0)
+    tied = kl_threshold(stats, 255)  # default 5% margin
     assert plain <= tied <= stats.max
     chosen = divergence[np.searchsorted(thresholds, tied - 1e-9)]
     assert chosen <= divergence.min() * 1.05
@@ -193,12 +218,15 @@ def test_thresholds_never_exceed_the_observed_peak():
 
 def test_network_inputs_keep_their_full_range():
     """A normalized image: background pixels all at one negative value, a spike that the
-    KL search would clip to; the network input keeps min/max, other layers do not."""
+    KL search would clip to; the network input keeps min/max, other layers take the
+    mode's symmetric threshold."""
     from gluon_int8.calibrate import make_table
     rng = np.random.RandomState(6)
     pixels = np.where(rng.rand(100000) < 0.6, -0.81, rng.uniform(-0.81, 2.02, 100000))
     stats = stats_of(pixels.astype(np.float32))
     table = make_table({'data': stats, 'conv_output': stats}, 'entropy', 'auto',
                        input_layers=['data'])
-    assert table.ranges['data'][1] == pytest.approx(pixels.max(), rel=1e-6)
-    assert table.ranges['conv_output'][1] < 1.5
+    assert table.ranges['data'] == pytest.approx((-pixels.max(), pixels.max()), rel=1e-6)
+    threshold = entropy_threshold(stats, 127)
+    assert table.ranges['conv_output'] == pytest.approx((-threshold, threshold))
+    assert kl_threshold(stats, 127) < 1.0  # plain KL would have clipped the input

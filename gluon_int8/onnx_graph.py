@@ -4,11 +4,8 @@ The ONNX QDQ exporter (:mod:`gluon_int8.onnx_qdq`) starts from the *fused* FP32 
 :class:`~gluon_int8.block.QuantizedBlock` was made from, since that is the graph its
 layer table and calibration table describe. This module turns it into ONNX:
 
-* :func:`unfuse` inlines every fused oneDNN node (``sg_mkldnn_conv_bn_act_0``) back into
-  the ops inside it, which keep the names of the traced graph; the result is the traced
-  graph plus what :func:`gluon_int8.fuse.guard` and the plan changed (copied convs, split
-  ReLUs), so each fused node is one contiguous chain of ops. :func:`tensor_names` says
-  which unfused tensor a fused output is: the output of its subgraph's head;
+* :func:`gluon_int8.fuse.unfuse` inlines every fused oneDNN node back into the ops inside
+  it, which keep the names of the traced graph (each fused node is one chain of ops);
 * :func:`explicit_reshapes` writes MXNet's special Reshape codes (-2, -3, -4: a channel
   shuffle) as plain shapes, which MXNet's ONNX converter cannot translate;
 * :func:`to_onnx` runs MXNet's own converter (``mx.onnx``) in memory, stamps the opset its
@@ -19,7 +16,6 @@ layer table and calibration table describe. This module turns it into ONNX:
 
 An op that MXNet's converter does not know raises :class:`UnsupportedOpError` naming it.
 """
-import dataclasses
 import json
 import logging
 from typing import Dict, List, Mapping, Tuple
@@ -28,7 +24,6 @@ import mxnet as mx
 import numpy as np
 
 from . import mxnet_private
-from .quantize_graph import graph_outputs
 
 log = logging.getLogger(__name__)
 
@@ -42,89 +37,6 @@ class UnsupportedOpError(ValueError):
     def __init__(self, node: str, op: str, why: str):
         super().__init__('ONNX export: node %r (op %s) %s' % (node, op, why))
         self.node, self.op = node, op
-
-
-# -- the unfused graph -------------------------------------------------------------------
-
-def _subgraph_args(node: dict) -> List[int]:
-    """The inner variable nodes of a fused node, in the order of its inputs."""
-    sub = node['subgraphs'][0]
-    args = sub.get('arg_nodes') or [i for i, n in enumerate(sub['nodes']) if n['op'] == 'null']
-    if len(args) != len(node['inputs']):
-        raise UnsupportedOpError(node['name'], node['op'], 'has %d inputs but its subgraph %d '
-                                 'variables: cannot unfuse it' % (len(node['inputs']), len(args)))
-    return list(args)
-
-
-@dataclasses.dataclass
-class Unfused:
-    """The unfused graph of a fused one, and how their names relate."""
-    symbol: mx.sym.Symbol
-    heads: Dict[Tuple[str, int], Tuple[str, int]]  # (fused node, out) -> (unfused node, out)
-    owner: Dict[str, str]                          # unfused node -> the fused node it is in
-
-
-def unfuse(fused: mx.sym.Symbol) -> Unfused:
-    """``fused`` with every fused node replaced by the ops inside it (a fused node's
-    output k is its subgraph's head k)."""
-    graph = json.loads(fused.tojson())
-    order: List[dict] = []
-    where: Dict[Tuple[int, int], Tuple[int, int]] = {}   # (old node, out) -> (new node, out)
-    owner: Dict[str, str] = {}
-    for i, node in enumerate(graph['nodes']):
-        inputs = [where[(src, out)] for src, out, _ in node['inputs']]
-        if not node.get('subgraphs'):
-            node['inputs'] = [[s, o, 0] for s, o in inputs]
-            order.append(node)
-            owner[node['name']] = node['name']
-            where.update(_entries(i, len(order) - 1, node))
-            continue
-        sub = node['subgraphs'][0]
-        local = {(arg, 0): entry for arg, entry in zip(_subgraph_args(node), inputs)}
-        for j, inner in enumerate(sub['nodes']):
-            if inner['op'] == 'null':
-                continue
-            inner['inputs'] = [list(local[(s, o)]) + [0] for s, o, _ in inner['inputs']]
-            order.append(inner)
-            owner[inner['name']] = node['name']
-            local.update(_entries(j, len(order) - 1, inner))
-        where.update({(i, k): local[(h, o)] for k, (h, o, _) in enumerate(sub['heads'])})
-    graph['nodes'] = order
-    graph['arg_nodes'] = [i for i, n in enumerate(order) if n['op'] == 'null']
-    graph['heads'] = [list(where[(s, o)]) + [0] for s, o, _ in graph['heads']]
-    graph.pop('node_row_ptr', None)
-    old = graph_nodes_by_index(fused)
-    heads = {(old[i], k): (order[j]['name'], o) for (i, k), (j, o) in where.items()
-             if old[i] is not None}
-    return Unfused(mx.sym.load_json(json.dumps(graph)), heads, owner)
-
-
-def graph_nodes_by_index(symbol: mx.sym.Symbol) -> List[str]:
-    """Node index -> name for compute nodes (None for variables)."""
-    return [n['name'] if n['op'] != 'null' else None
-            for n in json.loads(symbol.tojson())['nodes']]
-
-
-_MAX_OUTPUTS = 16  # no op of a classification network has more outputs
-
-
-def _entries(old: int, new: int, node: dict) -> Dict[Tuple[int, int], Tuple[int, int]]:
-    count = int(node.get('attrs', {}).get('num_outputs', 1)) if node['op'] == 'SliceChannel' \
-        else _MAX_OUTPUTS
-    return {(old, k): (new, k) for k in range(count)}
-
-
-def tensor_names(fused: mx.sym.Symbol) -> Dict[str, str]:
-    """Calibrated tensor name in the fused graph (``sg_mkldnn_conv_bn_act_0_output``) ->
-    the same tensor's name in the unfused, traced graph (``conv0_relu_fwd_output``)."""
-    unfused = unfuse(fused)
-    traced = {(node, idx): name for node, idx, name in graph_outputs(unfused.symbol)}
-    found = {}
-    for node, idx, out_name in graph_outputs(fused):
-        inner = unfused.heads.get((node, idx))
-        if inner is not None and inner in traced:
-            found[out_name] = traced[inner]
-    return found
 
 
 # -- MXNet's Reshape codes -----------------------------------------------------------------

@@ -39,7 +39,8 @@ from typing import Dict, FrozenSet, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from .op_table import DEQUANTIZE, PASS_THROUGH, QUANTIZE, REQUANTIZE
-from .onnx_graph import Unfused, UnsupportedOpError, onnx_tensor, readers
+from .fuse import Unfused
+from .onnx_graph import UnsupportedOpError, onnx_tensor, readers
 from .plan import PREFIX, _dtypes, _View
 from .quantize_graph import LayerInfo
 from .table import CalibrationTable
@@ -442,7 +443,7 @@ def export_model(block, input_shapes: Mapping[str, tuple], on_unsupported: str =
     """The QDQ ONNX model of a :class:`~gluon_int8.block.QuantizedBlock` and its layer
     table in the model. ``input_shapes``: each network input's shape (any batch size:
     the model's batch axis is dynamic)."""
-    from . import mxnet_private, onnx_graph  # pylint: disable=import-outside-toplevel
+    from . import fuse, mxnet_private, onnx_graph  # pylint: disable=import-outside-toplevel
     if block.calib_table is None:
         raise ValueError("format='onnx': the block has no calibration table (mode='none' "
                          'computes ranges at run time, which a QDQ model cannot); quantize '
@@ -455,7 +456,7 @@ def export_model(block, input_shapes: Mapping[str, tuple], on_unsupported: str =
                       [s.name for s in mxnet_private.cached_graph(block)[0]])
     values = {p.name: p.data() for p in block.collect_params().values()}
     values.update(block.fp32_graph.params)
-    unfused = onnx_graph.unfuse(block.fp32_graph.symbol)
+    unfused = fuse.unfuse(block.fp32_graph.symbol)
     symbol = onnx_graph.explicit_reshapes(unfused.symbol, input_shapes)
     needed = set(symbol.list_inputs()) - set(data_names)
     model = onnx_graph.to_onnx(symbol, {k: v for k, v in values.items() if k in needed},

@@ -149,6 +149,7 @@ class ONNXExporter(Exporter):
         if weight_bits not in onnx_qdq.WEIGHT_BITS or isinstance(weight_bits, bool):
             raise ValueError('weight_bits: got %r; expected one of %s'
                              % (weight_bits, list(onnx_qdq.WEIGHT_BITS)))
+        onnx_qdq.check_exportable(block)
         names = [s.name for s in mxnet_private.cached_graph(block)[0]]
         shapes = self._shapes(block, input_shapes, len(names))
         model, layers = onnx_qdq.export_model(

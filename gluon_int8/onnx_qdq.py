@@ -438,12 +438,8 @@ def metadata(model, entries: Mapping[str, object]) -> None:
         prop.key, prop.value = 'gluon_int8.%s' % key, json.dumps(value, sort_keys=True)
 
 
-def export_model(block, input_shapes: Mapping[str, tuple], on_unsupported: str = 'fp32',
-                 weight_bits='auto'):
-    """The QDQ ONNX model of a :class:`~gluon_int8.block.QuantizedBlock` and its layer
-    table in the model. ``input_shapes``: each network input's shape (any batch size:
-    the model's batch axis is dynamic)."""
-    from . import fuse, mxnet_private, onnx_graph  # pylint: disable=import-outside-toplevel
+def check_exportable(block) -> None:
+    """ValueError unless ``block`` holds what a QDQ model is made from."""
     if block.calib_table is None:
         raise ValueError("format='onnx': the block has no calibration table (mode='none' "
                          'computes ranges at run time, which a QDQ model cannot); quantize '
@@ -452,6 +448,15 @@ def export_model(block, input_shapes: Mapping[str, tuple], on_unsupported: str =
         raise ValueError("format='onnx': the block has no FP32 graph to export from; a block "
                          "loaded with gluon_int8.load needs an export made with "
                          'fp32_reference=True')
+
+
+def export_model(block, input_shapes: Mapping[str, tuple], on_unsupported: str = 'fp32',
+                 weight_bits='auto'):
+    """The QDQ ONNX model of a :class:`~gluon_int8.block.QuantizedBlock` and its layer
+    table in the model. ``input_shapes``: each network input's shape (any batch size:
+    the model's batch axis is dynamic)."""
+    from . import fuse, mxnet_private, onnx_graph  # pylint: disable=import-outside-toplevel
+    check_exportable(block)
     data_names = list(mxnet_private.cached_graph(block)[0] and
                       [s.name for s in mxnet_private.cached_graph(block)[0]])
     values = {p.name: p.data() for p in block.collect_params().values()}

@@ -60,6 +60,9 @@ class RuntimeBlock:
                                    'not an ONNX model (%s)' % first_line(err)) from err
         self._nodes = {n.name: n.op_type for n in model.graph.node if n.name}
         self._nodes.update({out: n.op_type for n in model.graph.node for out in n.output})
+        self._op_nodes: Dict[str, str] = {}  # op type -> its first node
+        for n in model.graph.node:
+            self._op_nodes.setdefault(n.op_type, n.name or n.output[0])
         meta = read_metadata(model)
         self.data_names: List[str] = meta.get('data_names') or [i.name for i in model.graph.input]
         self.out_format = meta.get('out_format')
@@ -87,7 +90,7 @@ class RuntimeBlock:
     def _error(self, err: Exception) -> RuntimeLoadError:
         """The runtime's error as a RuntimeLoadError naming the node it points at."""
         text = str(err)
-        node = _named_node(text, self._nodes)
+        node = _named_node(text, self._nodes) or _node_of_op(text, self._op_nodes)
         return RuntimeLoadError(self.runtime, self.path, node, self._nodes.get(node),
                                 _reason(text))
 
@@ -191,12 +194,23 @@ def _named_node(text: str, nodes: Dict[str, str]) -> Optional[str]:
     return max(found, key=len) if found else None
 
 
+def _node_of_op(text: str, op_nodes: Dict[str, str]) -> Optional[str]:
+    """OpenVINO names the op types it cannot convert (``operations: NoSuchOp-13``), not
+    the nodes: the first node of such an op."""
+    match = re.search(r'operations?: ([\w.\-]+(?:, [\w.\-]+)*)', text)
+    for op in (match.group(1).split(', ') if match else []):
+        node = op_nodes.get(re.sub(r'-\d+$', '', op))
+        if node is not None:
+            return node
+    return None
+
+
 def _reason(text: str) -> str:
-    """The informative line of a runtime's message (their first lines are often a
-    location in the runtime's source)."""
+    """The runtime's message without the locations in its own source that open it, on
+    one line."""
     lines = [l.strip() for l in text.splitlines() if l.strip()]
-    useful = [l for l in lines if not l.startswith(('Check ', 'Exception from src'))]
-    reason = (useful or lines or ['unknown error'])[0]
+    useful = [l for l in lines if not l.startswith(('Check ', 'Exception from src', 'To '))]
+    reason = ' '.join(useful or lines or ['unknown error'])
     return reason if len(reason) <= 400 else reason[:397] + '...'
 
 

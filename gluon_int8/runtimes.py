@@ -100,15 +100,18 @@ class RuntimeBlock:
         if len(inputs) != len(self.data_names):
             raise ValueError('inputs: got %d arrays; the model takes %d (%s)'
                              % (len(inputs), len(self.data_names), self.data_names))
-        arrays = [np.ascontiguousarray(_numpy(x), dtype=np.float32) for x in inputs]
-        try:
-            outputs = self._run(arrays)
-        except self._errors as err:  # pylint: disable=catching-non-exception
-            raise self._error(err) from err
+        outputs = self.run([np.ascontiguousarray(_numpy(x), dtype=np.float32) for x in inputs])
         flat = [mx.nd.array(o, dtype=o.dtype) for o in outputs]
         if self.out_format is not None:
             return mxnet_private.regroup(flat, self.out_format)
         return flat[0] if len(flat) == 1 else flat
+
+    def run(self, arrays: Sequence[np.ndarray]) -> List[np.ndarray]:
+        """The runtime itself: float32 numpy arrays in, the flat list of outputs out."""
+        try:
+            return self._run(list(arrays))
+        except self._errors as err:  # pylint: disable=catching-non-exception
+            raise self._error(err) from err
 
     # -- the layer table -------------------------------------------------------------------
 
@@ -160,6 +163,7 @@ def _load_ort(model_bytes: bytes, data_names: Sequence[str], threads: Optional[i
     if threads:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.log_severity_level = 3  # errors only: ORT's warnings go to stderr, not logging
     session = ort.InferenceSession(model_bytes, options, providers=['CPUExecutionProvider'])
     names = [o.name for o in session.get_outputs()]
@@ -170,16 +174,34 @@ def _load_ort(model_bytes: bytes, data_names: Sequence[str], threads: Optional[i
 
 
 def _load_openvino(model_bytes: bytes, data_names: Sequence[str], threads: Optional[int]):
+    """Read now (an op OpenVINO cannot convert fails here); compiled on the first call
+    with each input shape, at that static shape (as MXNet runs with static_shape, and
+    OpenVINO runs fastest), one stream."""
     import openvino as ov  # pylint: disable=import-outside-toplevel
     core = ov.Core()
-    config = {'INFERENCE_NUM_THREADS': threads} if threads else {}
-    compiled = core.compile_model(core.read_model(model_bytes), 'CPU', config)
-    request = compiled.create_infer_request()
-    outputs = list(compiled.outputs)
+    model = core.read_model(model_bytes)
+    config = {'NUM_STREAMS': 1, 'PERFORMANCE_HINT': 'LATENCY'}
+    if threads:
+        config['INFERENCE_NUM_THREADS'] = threads
+    compiled = {}
+
+    def request_for(shapes):
+        if shapes not in compiled:
+            static = model.clone()
+            static.reshape(dict(zip(data_names, [list(s) for s in shapes])))
+            try:
+                done = core.compile_model(static, 'CPU', config)
+            except RuntimeError as err:  # a model the CPU plugin cannot make static
+                log.info('OpenVINO: static shapes %s do not compile (%s); dynamic batch',
+                         shapes, first_line(err))
+                done = core.compile_model(model, 'CPU', config)
+            compiled[shapes] = (done.create_infer_request(), list(done.outputs))
+        return compiled[shapes]
 
     def run(arrays):
-        result = request.infer(dict(zip(data_names, arrays)))
-        return [np.array(result[o]) for o in outputs]
+        request, outputs = request_for(tuple(a.shape for a in arrays))
+        request.infer(dict(zip(data_names, arrays)))
+        return [np.array(request.get_tensor(o).data) for o in outputs]
     return run
 
 

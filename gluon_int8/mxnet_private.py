@@ -126,7 +126,7 @@ def onnx_converters(opset: int) -> frozenset:
                      for op in MXNetGraph.registry_.get(version, {}))  # pylint: disable=protected-access
 
 
-def onnx_graph(symbol: mx.sym.Symbol, params: Mapping[str, mx.nd.NDArray],
+def onnx_graph_proto(symbol: mx.sym.Symbol, params: Mapping[str, mx.nd.NDArray],
                in_shapes: Sequence[tuple], opset: int, dynamic_shapes: Sequence[tuple]):
     """``mx.onnx``'s GraphProto of ``symbol``, converted for ``opset`` in memory (its
     public ``export_model`` writes a file and converts for the ``onnx`` package's newest

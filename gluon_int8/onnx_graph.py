@@ -86,7 +86,7 @@ def to_onnx(symbol: mx.sym.Symbol, params: Mapping[str, mx.nd.NDArray],
     data_names = list(data_shapes)
     _check_convertible(symbol)
     shapes = [tuple(data_shapes[n]) for n in data_names]
-    graph = mxnet_private.onnx_graph(symbol, dict(params), shapes, OPSET,
+    graph = mxnet_private.onnx_graph_proto(symbol, dict(params), shapes, OPSET,
                                      [(None,) + tuple(s[1:]) for s in shapes])
     model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid('', OPSET)],
                                    producer_name='gluon-int8')

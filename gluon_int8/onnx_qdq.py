@@ -13,7 +13,7 @@ What is 8-bit is read from the INT8 graph MXNet runs (``plan_qdq``), never guess
 * the output of every INT8 node that emits u8/s8 (a conv with its requantize, an add,
   a pooling, a concat): every reader of it, INT8 or FP32, and a graph output, reads the
   rounded values, as in MXNet. Its range is the calibration table's range of the
-  tensors it carries (:meth:`gluon_int8.plan._View.sources`);
+  tensors it carries (:meth:`gluon_int8.plan.GraphView.sources`);
 * a tensor that a quantize node makes 8-bit for INT8 layers (the network input, the
   output of an FP32 layer): only those INT8 layers read the rounded values, FP32 readers
   read it as it is;
@@ -31,8 +31,8 @@ kernels. An INT8 layer whose tensors cannot be found in the ONNX graph stays FP3
 (``on_unsupported='fp32'``, with a warning naming it) or is refused
 (``on_unsupported='raise'``).
 """
+import collections
 import dataclasses
-import json
 import logging
 from typing import Dict, FrozenSet, List, Mapping, Optional, Sequence, Tuple
 
@@ -41,7 +41,7 @@ import numpy as np
 from .op_table import DEQUANTIZE, PASS_THROUGH, QUANTIZE, REQUANTIZE
 from .fuse import Unfused
 from .onnx_graph import UnsupportedOpError, onnx_tensor, readers
-from .plan import PREFIX, _dtypes, _View
+from .plan import PREFIX, GraphView, tensor_dtypes
 from .quantize_graph import LayerInfo
 from .table import CalibrationTable
 
@@ -89,7 +89,7 @@ def _fused_name(name: str) -> str:
 def plan_qdq(qsym, data_names: Sequence[str], table: CalibrationTable) -> QDQPlan:
     """The 8-bit tensors and INT8 layers of ``qsym`` (the INT8 graph that runs), with the
     ranges of ``table``."""
-    view, dtypes = _View(qsym), _dtypes(qsym, data_names)
+    view, dtypes = GraphView(qsym), tensor_dtypes(qsym, data_names)
     consumers: Dict[int, List[int]] = {}
     for i, node in enumerate(view.nodes):
         for src, _, _ in node['inputs']:
@@ -111,7 +111,7 @@ def plan_qdq(qsym, data_names: Sequence[str], table: CalibrationTable) -> QDQPla
     return QDQPlan(tensors, int8, channel)
 
 
-def _tensor(view: _View, index: int, consumers) -> Optional[Tuple[str, int, Optional[frozenset]]]:
+def _tensor(view: GraphView, index: int, consumers) -> Optional[Tuple[str, int, Optional[frozenset]]]:
     """(fused producer, output, readers) of the 8-bit tensor node ``index`` emits."""
     node = view.nodes[index]
     if node['op'] == QUANTIZE:
@@ -128,7 +128,7 @@ def _tensor(view: _View, index: int, consumers) -> Optional[Tuple[str, int, Opti
     return _fused_name(node['name']), 0, None
 
 
-def _threshold(view: _View, index: int, table: CalibrationTable) -> float:
+def _threshold(view: GraphView, index: int, table: CalibrationTable) -> float:
     """max |range| of the tensor node ``index`` emits, as the INT8 graph runs it: the
     range written into the node (the table's, doubled where the plan reduced a uint8
     tensor to 7-bit codes), else the largest range of the tensors it carries (pooling,
@@ -412,10 +412,10 @@ def _sort_topologically(graph) -> None:
         waiting[i] = len(deps)
         for d in deps:
             users.setdefault(d, []).append(i)
-    ready = [i for i, w in enumerate(waiting) if w == 0]
+    ready = collections.deque(i for i, w in enumerate(waiting) if w == 0)
     order = []
     while ready:
-        i = ready.pop(0)
+        i = ready.popleft()
         order.append(i)
         for u in users.get(i, []):
             waiting[u] -= 1
@@ -429,13 +429,6 @@ def _sort_topologically(graph) -> None:
         copy.CopyFrom(node)
     del graph.node[:]
     graph.node.extend(copies)
-
-
-def metadata(model, entries: Mapping[str, object]) -> None:
-    """Store JSON ``entries`` in the model's metadata_props (``gluon_int8.<key>``)."""
-    for key, value in entries.items():
-        prop = model.metadata_props.add()
-        prop.key, prop.value = 'gluon_int8.%s' % key, json.dumps(value, sort_keys=True)
 
 
 def check_exportable(block) -> None:

@@ -149,6 +149,10 @@ def _dtypes(symbol: mx.sym.Symbol, data_names: Sequence[str]) -> Dict[str, str]:
             for name, t in zip(internals.list_outputs(), types)}
 
 
+# how the ONNX exporter (gluon_int8.onnx_qdq) reads the INT8 graph that runs, too
+GraphView, tensor_dtypes = _View, _dtypes
+
+
 def pattern_of(node: dict, weight: Optional[str], rewrites: 'Rewrites') -> Optional[str]:
     """The op-table pattern of an INT8 node, in the form the plan gave it."""
     if weight is not None and weight in rewrites.seven_bit:

@@ -18,7 +18,7 @@ An op that MXNet's converter does not know raises :class:`UnsupportedOpError` na
 """
 import json
 import logging
-from typing import Dict, List, Mapping, Tuple
+from typing import Dict, List, Mapping
 
 import mxnet as mx
 import numpy as np

@@ -20,7 +20,6 @@ import re
 from typing import Dict, Iterable, List, Mapping, Sequence, Tuple
 
 import mxnet as mx
-import numpy as np
 from . import mxnet_private
 from .op_table import INT8_CAPABLE
 

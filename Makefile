@@ -11,7 +11,7 @@ export OMP_NUM_THREADS := $(THREADS)
 
 .PHONY: demo test bench-calibration bench-accuracy bench-seed bench-sweep bench-scale bench-ssd peers clean clean-peers
 
-.venv/.installed: requirements.txt requirements-test.txt setup.cfg setup.py
+.venv/.installed: requirements.txt requirements-test.txt requirements-export.txt setup.cfg setup.py
 	python3 -m venv .venv
 	.venv/bin/pip install -q --upgrade pip
 	.venv/bin/pip install -q -r requirements-test.txt

@@ -4,7 +4,13 @@ Models: GluonCV resnet50_v1, resnet101_v1, mobilenet1.0, inceptionv3 (3x299x299)
 ssd_300_vgg16_atrous_voc (3x300x300), random weights (speed does not depend on them).
 Variants: Base (hybridized FP32), Fusion (FP32 after the oneDNN fusion passes),
 Fusion+Quantization (gluon-int8), and MXNet's built-in quantize_net_v2 INT8 as a peer in
-the same run. Latency at batch 1 and throughput at batch 64 (SSD: --ssd-batch, default
+the same run. For resnet50_v1, mobilenet1.0 and inceptionv3 also "gluon-int8 -> ORT" and
+"gluon-int8 -> OpenVINO": the same INT8 block exported with ``export(prefix,
+format='onnx')`` and run by ``gluon_int8.runtimes.load_onnx`` on ONNX Runtime and on
+OpenVINO (timed on numpy input, as benchmarks/peers.py times those runtimes; OpenVINO
+compiled at each static batch), with each INT8 engine's output cosine against MXNet FP32
+on a check batch of 2 (uniform(-1, 1), as benchmarks/export_onnx.py makes for the peers).
+``--no-onnx`` leaves those rows out. Latency at batch 1 and throughput at batch 64 (SSD: --ssd-batch, default
 16), medians over repeated runs after warm-up, every engine in this one process with the
 same OMP_NUM_THREADS.
 
@@ -12,17 +18,20 @@ same OMP_NUM_THREADS.
         KMP_BLOCKTIME=1 python benchmarks/seed_table.py [--models resnet50_v1,...]
     (the settings of gluon_int8.bench.RECOMMENDED_ENV; every MXNet row runs with them)
 
-Writes results/seed_table.json, results/seed_table.md and results/seed_table_*.png
+Writes results/seed_table.json, results/seed_table.md (and results/seed_table_onnx.md) and
+results/seed_table_*.png
 (speedup from fusion, speedup from quantization, latency: the article's figures 5-7).
 """
 import argparse
 import json
 import logging
 import os
+import tempfile
 import time
 import warnings
 
 import mxnet as mx
+import numpy as np
 
 import gluon_int8
 from gluon_int8 import bench, zoo
@@ -30,6 +39,44 @@ from gluon_int8 import bench, zoo
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODELS = ('resnet50_v1', 'resnet101_v1', 'mobilenet1.0', 'inceptionv3', 'ssd_300_vgg16_atrous_voc')
 VARIANTS = ('base', 'fusion', 'int8', 'builtin_int8')
+ONNX_MODELS = ('resnet50_v1', 'mobilenet1.0', 'inceptionv3')
+ONNX_VARIANTS = {'ort_int8': 'onnxruntime', 'ov_int8': 'openvino'}  # gluon-int8 -> runtime
+CHECK_BATCH = 2
+
+
+class NumpyTimed:
+    """A RuntimeBlock timed the way benchmarks/peers.py times a runtime: the input is
+    turned into numpy once, outside the timed call, and outputs stay numpy."""
+
+    def __init__(self, block):
+        self.block, self.cached = block, (None, None)
+
+    def __call__(self, *inputs):
+        key = tuple(id(x) for x in inputs)
+        if self.cached[0] != key:
+            self.cached = (key, [x.asnumpy() for x in inputs])
+        self.block.run(self.cached[1])
+        return []
+
+
+def onnx_variants(qnet, folder):
+    """gluon-int8 -> ORT / -> OpenVINO: the INT8 block exported to ONNX, on each runtime."""
+    from gluon_int8 import runtimes
+    path = qnet.export(os.path.join(folder, 'model'), format='onnx')[0]
+    return {variant: runtimes.load_onnx(path, runtime)
+            for variant, runtime in ONNX_VARIANTS.items()}
+
+
+def cosines(net, engines, shape):
+    """Each engine's output cosine against MXNet FP32 on one uniform(-1, 1) batch."""
+    check = mx.nd.array(np.random.RandomState(0).uniform(
+        -1, 1, size=(CHECK_BATCH,) + tuple(shape)).astype(np.float32))
+    want = net(check).asnumpy().astype(np.float64).ravel()
+    found = {}
+    for name, engine in engines.items():
+        got = engine(check).asnumpy().astype(np.float64).ravel()
+        found[name] = float(got @ want / (np.linalg.norm(got) * np.linalg.norm(want)))
+    return found
 
 
 def calibration(shape, batches=2, batch_size=16):
@@ -45,7 +92,7 @@ def builtin_int8(net, calib, preset):
     return qnet
 
 
-def measure(name, batch, runs, lat_runs):
+def measure(name, batch, runs, lat_runs, with_onnx=True):
     preset = zoo.preset(name)
     calib = calibration(preset.input_shape)
     net = zoo.get_model(name, quantized=False, bn_batch=calib[0])
@@ -58,8 +105,17 @@ def measure(name, batch, runs, lat_runs):
     row = {'model': name, 'shape': 'x'.join(map(str, preset.input_shape)), 'batch': batch,
            'calib_seconds': {'int8': calib_seconds,
                              'builtin_int8': time.perf_counter() - start}}
-    row.update(bench.measure({v: blocks[v] for v in VARIANTS}, preset.input_shape, batch, runs,
-                             lat_runs, report=print_result))
+    timed = {v: blocks[v] for v in VARIANTS}
+    with tempfile.TemporaryDirectory() as folder:
+        if with_onnx and name in ONNX_MODELS:
+            runtimes = onnx_variants(qnet, folder)
+            row['cosine_vs_fp32'] = cosines(net, dict(
+                int8=qnet, builtin_int8=blocks['builtin_int8'], **runtimes), preset.input_shape)
+            print('  cosine vs FP32: %s' % ', '.join('%s %.4f' % kv for kv in
+                                                  row['cosine_vs_fp32'].items()), flush=True)
+            timed.update({v: NumpyTimed(b) for v, b in runtimes.items()})
+        row.update(bench.measure(timed, preset.input_shape, batch, runs, lat_runs,
+                                 report=print_result))
     return row
 
 
@@ -81,6 +137,26 @@ def markdown(rows, threads):
         lines.append('| | | %d | img/s | %.1f | %.1f | %.1f | %.2f | %.2f | %.1f |'
                      % (r['batch'], thr['base'], thr['fusion'], thr['int8'],
                         thr['int8'] / thr['fusion'], thr['int8'] / thr['base'], thr['builtin_int8']))
+    return '\n'.join(lines)
+
+
+def onnx_markdown(rows):
+    """The gluon-int8 -> ORT / -> OpenVINO rows beside gluon-int8's MXNet INT8."""
+    lines = ['| Model | BS | Metric | gluon-int8 (MXNet) | gluon-int8 -> ORT | '
+             'gluon-int8 -> OpenVINO | built-in INT8 |', '|---|---|---|---|---|---|---|']
+    for r in rows:
+        if 'cosine_vs_fp32' not in r:
+            continue
+        lat, thr, cos = r['latency_ms'], r['throughput'], r['cosine_vs_fp32']
+        lines.append('| %s | 1 | latency ms | %.2f | %.2f | %.2f | %.2f |'
+                     % (r['model'], lat['int8'], lat['ort_int8'], lat['ov_int8'],
+                        lat['builtin_int8']))
+        lines.append('| | %d | img/s | %.1f | %.1f | %.1f | %.1f |'
+                     % (r['batch'], thr['int8'], thr['ort_int8'], thr['ov_int8'],
+                        thr['builtin_int8']))
+        lines.append('| | %d | output cosine vs MXNet FP32 | %.4f | %.4f | %.4f | %.4f |'
+                     % (CHECK_BATCH, cos['int8'], cos['ort_int8'], cos['ov_int8'],
+                        cos['builtin_int8']))
     return '\n'.join(lines)
 
 
@@ -136,6 +212,8 @@ def main():
     parser.add_argument('--runs', type=int, default=10, help='timed throughput runs (median)')
     parser.add_argument('--latency-runs', type=int, default=50)
     parser.add_argument('--out', default=os.path.join(ROOT, 'results'))
+    parser.add_argument('--no-onnx', action='store_true',
+                        help='leave out the gluon-int8 -> ORT / -> OpenVINO rows')
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     warnings.simplefilter('ignore')
@@ -143,15 +221,21 @@ def main():
     for name in args.models.split(','):
         print(name, flush=True)
         rows.append(measure(name, args.ssd_batch if name.startswith('ssd') else args.batch,
-                            args.runs, args.latency_runs))
+                            args.runs, args.latency_runs, with_onnx=not args.no_onnx))
     table = markdown(rows, bench.omp_threads())
     print('\n' + table)
+    onnx_table = onnx_markdown(rows)
+    if any('cosine_vs_fp32' in r for r in rows):
+        print('\n' + onnx_table)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, 'seed_table.json'), 'w') as f:
         json.dump({'omp_num_threads': bench.omp_threads(), 'environment': bench.environment(),
                    'rows': rows}, f, indent=1)
     with open(os.path.join(args.out, 'seed_table.md'), 'w') as f:
         f.write(table + '\n')
+    if any('cosine_vs_fp32' in r for r in rows):
+        with open(os.path.join(args.out, 'seed_table_onnx.md'), 'w') as f:
+            f.write(onnx_table + '\n')
     for path in plots(rows, args.out):
         print('wrote', path)
 

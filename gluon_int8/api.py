@@ -15,7 +15,7 @@ import dataclasses
 import itertools
 import logging
 import os
-from typing import Optional, Sequence, Union
+from typing import Mapping, Optional, Sequence, Union
 
 from mxnet.gluon import HybridBlock
 
@@ -24,6 +24,7 @@ from .block import QuantizedBlock
 from .calibrate import make_table
 from .collectors import DEFAULT_NUM_BINS, Collector, HistogramCollector, MinMaxCollector
 from .data import iter_batches
+from .fuse import tensor_names
 from .pipeline import SELF_CHECKS, Prepared
 from .quantize_graph import GRANULARITIES, quantize_node_inputs
 from .table import (CalibrationTable, check_ranges, check_reuse, check_table_argument,
@@ -261,7 +262,7 @@ def _calibration_table(prepared: Prepared, batches, opts: Options, calib_table, 
         return table
     stats = pipeline.calibrate(prepared, batches, opts.new_collector(), progress, total)
     table = table_from_stats(stats, opts, quantize_inputs, prepared.data_names,
-                             prepared.traced.fingerprint())
+                             prepared.traced.fingerprint(), tensor_names(prepared.plan.fused))
     if calib_table is not None:  # a path: check_table_argument refused a table with data
         table.save(calib_table)
         log.info('saved calibration table to %s', calib_table)
@@ -269,13 +270,16 @@ def _calibration_table(prepared: Prepared, batches, opts: Options, calib_table, 
 
 
 def table_from_stats(stats, opts: Options, quantize_inputs, input_layers,
-                     fingerprint: Optional[str] = None) -> CalibrationTable:
+                     fingerprint: Optional[str] = None,
+                     tensors: Optional[Mapping[str, str]] = None) -> CalibrationTable:
     """Statistics -> calibration table, the one way ``quantize_net`` and ``tune`` (which
     builds many tables from one calibration pass) both take; ``fingerprint`` binds it to
-    the network calibrated (:func:`gluon_int8.table.fingerprint`)."""
+    the network calibrated (:func:`gluon_int8.table.fingerprint`); ``tensors`` names each
+    layer's tensor in the traced graph (:func:`gluon_int8.fuse.tensor_names`)."""
     table = make_table(stats, opts.mode_name, opts.quantized_dtype, quantize_inputs,
                        input_layers, **opts.threshold_options())
     table.fingerprint = fingerprint
+    table.tensors = {n: t for n, t in (tensors or {}).items() if n in table.ranges}
     check_ranges(table, 'calibration')
     warn_tiny_ranges(table)
     return table

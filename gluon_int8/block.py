@@ -1,8 +1,9 @@
 """Stage 5, build: the drop-in INT8 ``QuantizedBlock`` and its export/load.
 
 ``QuantizedBlock`` is an ``mx.gluon.SymbolBlock``: same positional inputs and same
-(nested) outputs as the network it came from. ``export(prefix, epoch)`` writes (names in
-:mod:`gluon_int8.layout`)
+(nested) outputs as the network it came from. ``export(prefix, epoch, format=...)``
+hands it to an exporter (:mod:`gluon_int8.exporters`: 'mxnet' or 'onnx'); the MXNet
+export writes (names in :mod:`gluon_int8.layout`)
 
 * ``prefix-symbol.json`` and ``prefix-0000.params``: plain MXNet loads them with
   ``SymbolBlock.imports`` (the params use gluon's ``arg:``/``aux:`` keys);
@@ -23,9 +24,8 @@ from typing import List, Optional, Sequence
 
 import mxnet as mx
 from mxnet.gluon import SymbolBlock
-from mxnet.gluon.block import _regroup
 
-from . import layout, store, weights
+from . import exporters, layout, mxnet_private, store, weights
 from .errors import first_line
 from .quantize_graph import LayerInfo
 from .report import FP32Graph, Report, layer_report
@@ -46,7 +46,7 @@ class QuantizedBlock(SymbolBlock):
 
     def __init__(self, outputs, inputs, params=None, calib_table: Optional[CalibrationTable] = None,
                  layers: Sequence[LayerInfo] = (), out_format=None, int8_weights=None,
-                 fp32_graph: Optional[FP32Graph] = None):
+                 fp32_graph: Optional[FP32Graph] = None, input_shapes=None):
         super().__init__(outputs, inputs, params)
         self.calib_table = calib_table
         self.layers: List[LayerInfo] = list(layers)
@@ -57,6 +57,9 @@ class QuantizedBlock(SymbolBlock):
         self.fp32_graph = fp32_graph
         # per INT8 layer: its distance from its FP32 op (gluon_int8.selfcheck.NodeCheck)
         self.self_check: list = []
+        # per network input, its shape without the batch axis (as calibration saw it)
+        self.input_shapes: Optional[List[tuple]] = (
+            [tuple(s) for s in input_shapes] if input_shapes is not None else None)
 
     @property
     def int8_weight_names(self) -> List[str]:
@@ -69,7 +72,7 @@ class QuantizedBlock(SymbolBlock):
         if self._user_out_format is None:
             return out
         flat = out if isinstance(out, (list, tuple)) else [out]
-        return _regroup(list(flat), self._user_out_format)
+        return mxnet_private.regroup(list(flat), self._user_out_format)
 
     @property
     def int8_layers(self) -> List[str]:
@@ -95,10 +98,25 @@ class QuantizedBlock(SymbolBlock):
         with dtypes, granularity, ranges and why FP32; see :mod:`gluon_int8.report`."""
         return layer_report(self, data, num_batches, num_examples)
 
-    def export(self, path, epoch=0, remove_amp_cast=True, int8_weights=True,
-               fp32_reference=False):
-        """Write ``path-symbol.json``, ``path-%04d.params`` and the epoch's sidecar as
-        one unit; return the list of written paths.
+    @property
+    def out_format(self):
+        """gluon's nested-output format of the network (None: as MXNet returns it)."""
+        return self._user_out_format
+
+    @property
+    def int8_weight_arrays(self) -> dict:
+        """``<w>_int8`` / ``<w>_scale`` arrays whose dequantization gives weight ``<w>``."""
+        return dict(self._int8_weights)
+
+    def export(self, path, epoch=0, remove_amp_cast=True, format='mxnet', **options):  # pylint: disable=redefined-builtin
+        """Export the model; return the list of written paths.
+
+        ``format='mxnet'`` (default) writes ``path-symbol.json``, ``path-%04d.params``
+        and the epoch's sidecar as one unit; ``format='onnx'`` writes ``path.onnx``
+        (``path-%04d.onnx`` for epoch > 0), a QDQ model for ONNX Runtime or OpenVINO
+        (:class:`gluon_int8.exporters.ONNXExporter`: options ``input_shapes``,
+        ``on_unsupported``, ``weight_bits``). Both read this block's calibration table and
+        layer decisions.
 
         Every file is verified on disk before any file of a previous export is replaced;
         a failure raises ``OSError`` naming ``path`` and leaves the previous export as it
@@ -106,60 +124,19 @@ class QuantizedBlock(SymbolBlock):
         Every epoch shares ``path-symbol.json`` (MXNet's layout): exporting a different
         graph at a new epoch of a prefix that holds other epochs raises ``ValueError``.
 
-        With ``int8_weights`` (default) conv/FC weights are stored as int8 plus per-channel
-        scales (about a quarter of the FP32 file) and the graph dequantizes them: plain
-        ``SymbolBlock.imports`` gives identical outputs but pays that dequantization on
-        every call (4.5x slower for ResNet50 at batch 1 here), while
-        :func:`gluon_int8.load` folds it away once. ``int8_weights=False`` stores the
-        FP32 weights for deployments that must load with plain MXNet at full speed.
-
-        With ``fp32_reference`` ``path-fp32.params`` holds the FP32 values the INT8 graph
-        lacks, and the sidecar the fused FP32 graph, so that :meth:`report` works on the
-        loaded block. Off by default: it is an FP32 copy of the weights, which a
-        deployment export does not want.
+        MXNet options: with ``int8_weights=True`` (default) conv/FC weights are stored as
+        int8 plus per-channel scales (about a quarter of the FP32 file) and the graph
+        dequantizes them: plain ``SymbolBlock.imports`` gives identical outputs but pays
+        that dequantization on every call (4.5x slower for ResNet50 at batch 1 here),
+        while :func:`gluon_int8.load` folds it away once. ``int8_weights=False`` stores
+        the FP32 weights for deployments that must load with plain MXNet at full speed.
+        With ``fp32_reference=True`` ``path-fp32.params`` holds the FP32 values the INT8
+        graph lacks, and the sidecar the fused FP32 graph, so that :meth:`report` (and an
+        ONNX export) works on the loaded block. Off by default: it is an FP32 copy of the
+        weights, which a deployment export does not want.
         """
         del remove_amp_cast  # the INT8 graph has no AMP casts
-        path = os.fspath(path)
-        layout.check_epoch(epoch)
-        _check_folder(path)
-        fast_symbol = self._cached_graph[1]
-        arg_names = set(fast_symbol.list_arguments())
-        data_names = {s.name for s in self._cached_graph[0]}
-        int8_names = set(self.int8_weight_names if int8_weights else ())
-        values = {p.name: p._reduce() for p in self.collect_params().values()}
-        symbol = weights.with_dequantize_nodes(fast_symbol, values, sorted(int8_names))
-        params = {'arg:%s' % k: v for k, v in self._int8_weights.items()} if int8_weights else {}
-        for name, value in values.items():
-            kind = 'arg' if name in arg_names else 'aux'
-            if name not in data_names and name not in int8_names:
-                params['%s:%s' % (kind, name)] = value
-        payloads = {layout.SYMBOL: store.canonical_json(symbol), layout.PARAMS: params}
-        fp32 = self.fp32_graph if fp32_reference else None
-        if fp32 is not None:
-            payloads[layout.FP32] = {'arg:%s' % k: v for k, v in fp32.params.items()}
-        written = store.write_export(path, epoch, payloads,
-                                     self._sidecar(sorted(int8_names), fp32).to_dict())
-        log.info('exported INT8 model: %s', ', '.join(written))
-        return written
-
-    def _sidecar(self, int8_names, fp32: Optional[FP32Graph] = None) -> Sidecar:
-        # the graph without the dequantize nodes, for load() to fold the weights once;
-        # without int8 weights the symbol file is that graph already
-        return Sidecar([s.name for s in self._cached_graph[0]], self._user_out_format,
-                       int8_names,
-                       store.canonical_graph(self._cached_graph[1]) if int8_names else None,
-                       self.calib_table, self.layers,
-                       store.canonical_graph(fp32.symbol) if fp32 is not None else None)
-
-
-def _check_folder(prefix: str) -> None:
-    directory = os.path.dirname(os.path.abspath(prefix))
-    if not os.path.isdir(directory):
-        raise ValueError('prefix: folder %r of export prefix %r does not exist'
-                         % (directory, prefix))
-    if not os.access(directory, os.W_OK):
-        raise ValueError('prefix: folder %r of export prefix %r is not writable'
-                         % (directory, prefix))
+        return exporters.export(self, path, epoch, format, **options)
 
 
 def _parse_symbol(data: bytes, path: str) -> mx.sym.Symbol:
@@ -241,7 +218,7 @@ def load(prefix: str, epoch: int = 0) -> QuantizedBlock:
     block = build_symbol_block(
         symbol, meta.data_names, values, {}, cls=QuantizedBlock, calib_table=meta.calib_table,
         layers=meta.layers, out_format=meta.out_format, int8_weights=stored,
-        fp32_graph=_fp32_graph(meta, blobs, paths))
+        fp32_graph=_fp32_graph(meta, blobs, paths), input_shapes=meta.input_shapes)
     block.hybridize(static_alloc=True, static_shape=True)
     return block
 

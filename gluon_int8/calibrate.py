@@ -10,15 +10,14 @@ through a threshold function (:mod:`gluon_int8.thresholds`) into a
 :class:`OpHook`, :func:`hooked_block` and :func:`run_hooked` are shared with the
 per-layer report (:mod:`gluon_int8.report`), which hooks two graphs the same way.
 """
-import ctypes
 import logging
 import warnings
 from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
 import mxnet as mx
 import numpy as np
-from mxnet.base import NDArrayHandle, py_str
 
+from . import mxnet_private
 from .collectors import Collector, LayerStats
 from .data import Batch
 from .errors import first_line
@@ -54,12 +53,12 @@ class OpHook:
         self.error: Optional[Exception] = None
 
     def __call__(self, name, op_name, handle):
-        key = self.mapping.get(py_str(name))
+        key = self.mapping.get(mxnet_private.hook_str(name))
         if key is None or self.error is not None:
             return
         try:
-            arr = mx.nd.NDArray(ctypes.cast(handle, NDArrayHandle), writable=False).asnumpy()
-            self.sink(key, py_str(op_name), arr)
+            arr = mxnet_private.hook_array(handle).asnumpy()
+            self.sink(key, mxnet_private.hook_str(op_name), arr)
         except Exception as err:  # noqa: BLE001 - must not escape into the C callback
             self.error = err
 

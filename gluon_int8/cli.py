@@ -177,6 +177,8 @@ def _quantize_options(args):
 def cmd_quantize(args):
     import gluon_int8
     _writable_folder('--out', args.out)
+    if args.format == 'onnx' and args.with_fp32_reference:
+        raise UsageError('--with-fp32-reference: an MXNet export option; not with --format onnx')
     if args.calib_table and args.calib_data:
         _writable_folder('--calib-table', args.calib_table)
     options = _quantize_options(args)
@@ -195,7 +197,11 @@ def cmd_quantize(args):
         calib = _calib_data(args, args.input_shape or IMAGENET.input_shape, IMAGENET)
         qnet = gluon_int8.quantize_net(_load_fp32(args), calib, mode=args.mode, **options)
     print(qnet.layer_table())
-    for path in qnet.export(args.out, fp32_reference=args.with_fp32_reference):
+    if args.format == 'onnx':
+        written = qnet.export(args.out, format='onnx', on_unsupported=args.on_unsupported)
+    else:
+        written = qnet.export(args.out, fp32_reference=args.with_fp32_reference)
+    for path in written:
         print('wrote %s (%.1f KB)' % (path, os.path.getsize(path) / 1024.0))
 
 
@@ -205,7 +211,7 @@ def cmd_evaluate(args):
     if not args.data and not args.benchmark:
         raise ValueError('--data: not given; pass an image folder or a .rec for accuracy, '
                          'and/or --benchmark for speed on synthetic data')
-    block = load_model(args.prefix)
+    block = load_model(args.prefix, runtime=args.runtime)
     preprocess = _preprocess(args, IMAGENET)
     if args.data:
         source = _images(args, args.data, preprocess)
@@ -368,12 +374,22 @@ def build_parser():
     q.add_argument('--quiet', action='store_true', help='no progress bar')
     q.add_argument('--with-fp32-reference', action='store_true',
                    help="also export the FP32 values 'gluon-int8 report' compares against")
+    q.add_argument('--format', choices=('mxnet', 'onnx'), default='mxnet',
+                   help="'mxnet' (default): prefix-symbol.json + prefix-0000.params + "
+                        "sidecar; 'onnx': prefix.onnx, a QDQ model for ONNX Runtime and "
+                        "OpenVINO")
+    q.add_argument('--on-unsupported', choices=('fp32', 'raise'), default='fp32',
+                   help="--format onnx: an INT8 layer the ONNX graph cannot hold stays FP32 "
+                        "there ('fp32', with a warning) or stops the export ('raise')")
     _add_image_args(q)
     q.set_defaults(func=cmd_quantize)
     e = sub.add_parser('evaluate', help='top-k accuracy of an export (INT8 or FP32) on an '
                                         'image folder or .rec, and/or its speed')
     e.add_argument('--prefix', required=True,
-                   help='export prefix: a gluon-int8 INT8 export or a plain FP32 one')
+                   help='export prefix: a gluon-int8 INT8 export or a plain FP32 one; or '
+                        'an ONNX export (path ending in .onnx)')
+    e.add_argument('--runtime', choices=('onnxruntime', 'openvino'), default='onnxruntime',
+                   help='for an .onnx --prefix: the runtime that runs it')
     e.add_argument('--data', help='image folder (one subfolder per class) or .rec')
     e.add_argument('--metric', default='top1', help='comma-separated: top1,top5,... '
                                                     '(default top1)')

@@ -8,7 +8,9 @@ fixed pool of actors::
 
 * The model files travel through Ray's object store, so actors on other machines need
   no shared file system; each actor loads the model once, with
-  :func:`gluon_int8.load` (or plain ``SymbolBlock.imports`` for an FP32 export).
+  :func:`gluon_int8.load` (or plain ``SymbolBlock.imports`` for an FP32 export). An ONNX
+  export (an ``.onnx`` path, or a :class:`gluon_int8.runtimes.RuntimeBlock`) runs on
+  ONNX Runtime, or on the runtime the block was loaded on (OpenVINO).
 * Each actor reserves ``threads_per_actor`` CPUs and runs MXNet with that many OpenMP
   threads and the engine settings of :data:`gluon_int8.bench.RECOMMENDED_ENV`, set in
   the actor's own environment (never in the caller's), so actors never oversubscribe
@@ -78,25 +80,39 @@ class ModelFiles:
     """An export's files in memory, to ship to actors through the object store."""
     files: Dict[str, bytes]  # layout role -> content
     data_names: List[str]
+    runtime: Optional[str] = None  # an ONNX model: the runtime that runs it
 
     @classmethod
     def read(cls, model) -> 'ModelFiles':
-        """From an export prefix, or from a block (exported to a temporary folder)."""
+        """From an export prefix, an ``.onnx`` file, a block (exported to a temporary
+        folder), or an ONNX model loaded on a runtime (it runs on that runtime)."""
         from .block import QuantizedBlock  # pylint: disable=import-outside-toplevel
+        from .runtimes import RuntimeBlock  # pylint: disable=import-outside-toplevel
         if isinstance(model, QuantizedBlock):
             with tempfile.TemporaryDirectory() as tmp:
                 model.export(os.path.join(tmp, 'model'))
                 return cls.read(os.path.join(tmp, 'model'))
+        if isinstance(model, RuntimeBlock):
+            return cls({layout.ONNX: model.model_bytes}, list(model.data_names), model.runtime)
         if not isinstance(model, str):
-            raise TypeError('model: got %s; expected an export prefix (str) or a '
-                            'QuantizedBlock' % type(model).__name__)
+            raise TypeError('model: got %s; expected an export prefix or an .onnx path (str), '
+                            'a QuantizedBlock or a gluon_int8.runtimes.RuntimeBlock'
+                            % type(model).__name__)
+        if layout.is_onnx(model):
+            from .runtimes import load_onnx  # pylint: disable=import-outside-toplevel
+            return cls.read(load_onnx(model))
         files = _read_files(model)
         return cls(files, _data_names(files))
 
     def load(self):
-        """The block: gluon_int8.load for our exports, SymbolBlock.imports otherwise."""
+        """The block: an ONNX model on its runtime (threads: the actor's
+        OMP_NUM_THREADS), gluon_int8.load for our MXNet exports, SymbolBlock.imports
+        otherwise."""
         import mxnet as mx  # pylint: disable=import-outside-toplevel
         from .block import load  # pylint: disable=import-outside-toplevel
+        if layout.ONNX in self.files:
+            from .runtimes import RuntimeBlock  # pylint: disable=import-outside-toplevel
+            return RuntimeBlock(self.files[layout.ONNX], 'model.onnx', self.runtime)
         with tempfile.TemporaryDirectory() as tmp:
             prefix = os.path.join(tmp, 'model')
             paths = _shipped_files(prefix)
@@ -318,9 +334,11 @@ def batch_predict(model, data, batch_size: int = 64, *, num_actors: Optional[int
 
     Parameters
     ----------
-    model : str or QuantizedBlock
+    model : str, QuantizedBlock or RuntimeBlock
         An export prefix (``prefix-symbol.json``, ``prefix-0000.params`` and, for
-        gluon-int8 exports, ``prefix-quantization.json``), or a block to export.
+        gluon-int8 exports, ``prefix-quantization.json``), a block to export, an ONNX
+        export (``prefix.onnx``, run on ONNX Runtime) or an ONNX model loaded with
+        :func:`gluon_int8.runtimes.load_onnx` (run on its runtime).
     data : numpy array, tuple of arrays, or ray.data.Dataset
         One array per model input, examples along the first axis; or a Ray Dataset with
         one column per model input (named like the inputs, or see ``input_columns``).

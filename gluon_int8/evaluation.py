@@ -22,6 +22,7 @@ import mxnet as mx
 import numpy as np
 from tqdm import tqdm
 
+from . import layout
 from .datasets import IMAGENET, ImageSource, Preprocess
 
 _METRIC = re.compile(r'^top([1-9][0-9]*)$')
@@ -52,15 +53,19 @@ def parse_metrics(metrics: Union[str, Sequence[str]]) -> Dict[str, int]:
     return parsed
 
 
-def load_model(prefix: str, epoch: int = 0) -> mx.gluon.SymbolBlock:
+def load_model(prefix: str, epoch: int = 0, runtime: str = 'onnxruntime'):
     """An export as a block: :func:`gluon_int8.load` when the gluon-int8 sidecar
     ``prefix-quantization.json`` is there, else plain ``SymbolBlock.imports`` of
     ``prefix-symbol.json`` + ``prefix-%04d.params`` (inputs: the symbol's inputs that are
-    not parameters). Hybridized with ``static_alloc`` and ``static_shape`` either way."""
+    not parameters), hybridized with ``static_alloc`` and ``static_shape`` either way;
+    an ONNX file (``*.onnx``) on ``runtime`` (:func:`gluon_int8.runtimes.load_onnx`)."""
     from .block import load  # pylint: disable=import-outside-toplevel
-    if os.path.isfile(prefix + '-quantization.json'):
+    if layout.is_onnx(prefix):
+        from .runtimes import load_onnx  # pylint: disable=import-outside-toplevel
+        return load_onnx(prefix, runtime)
+    if os.path.isfile(layout.sidecar_file(prefix, epoch)):
         return load(prefix, epoch)
-    symbol_file, params_file = prefix + '-symbol.json', '%s-%04d.params' % (prefix, epoch)
+    symbol_file, params_file = layout.symbol_file(prefix), layout.params_file(prefix, epoch)
     for path in (symbol_file, params_file):
         if not os.path.isfile(path):
             raise ValueError('prefix: %r has no file %r; expected an MXNet export '

@@ -18,15 +18,22 @@ Three steps around the C++ pass:
 * :func:`verify` runs the fused graph against the traced one on a few examples; a
   difference beyond float rounding raises :class:`FusionError` naming the first fused
   node whose output differs. ``quantize_net`` never returns a model built on it.
+
+:func:`unfuse` goes back: every fused node inlined as the ops inside it, with their
+traced names; :func:`tensor_names` maps the fused graph's tensors (what calibration
+tables name) to the traced graph's, which the ONNX export writes.
 """
+import dataclasses
 import json
 import logging
+import re
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import mxnet as mx
 import numpy as np
 
 from .op_table import FUSABLE_CONSUMERS, FUSION_HEADS
+from .quantize_graph import graph_outputs
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +44,8 @@ QUANTIZE_BACKEND = 'MKLDNN_QUANTIZE'
 # not float rounding (the defect above is 85% of it)
 VERIFY_RTOL = 1e-3
 VERIFY_EXAMPLES = 4
+COPY_SUFFIX = '_fusecopy'
+_COPY = re.compile(r'%s\d+(?=_output|$)' % COPY_SUFFIX)
 
 
 class FusionError(RuntimeError):
@@ -106,7 +115,7 @@ def _with_copies(graph: dict, copies: Dict[int, List[Tuple[int, int]]]) -> dict:
         order.append(node)
         for k, (consumer, slot) in enumerate(copies.get(i, []), 1):
             copy = json.loads(json.dumps(node))
-            copy['name'] = '%s_fusecopy%d' % (node['name'], k)
+            copy['name'] = '%s%s%d' % (node['name'], COPY_SUFFIX, k)
             redirect[(consumer, slot)] = len(order)
             order.append(copy)
     graph['nodes'] = order
@@ -119,6 +128,94 @@ def _with_copies(graph: dict, copies: Dict[int, List[Tuple[int, int]]]) -> dict:
 def fuse(symbol: mx.sym.Symbol, backend: str = QUANTIZE_BACKEND) -> mx.sym.Symbol:
     """Apply the oneDNN fusion passes of ``backend`` to ``symbol`` (guarded)."""
     return guard(canonicalize(symbol)).get_backend_symbol(backend)
+
+
+# -- the unfused graph -------------------------------------------------------------------
+
+def _subgraph_args(node: dict) -> List[int]:
+    """The inner variable nodes of a fused node, in the order of its inputs."""
+    sub = node['subgraphs'][0]
+    args = sub.get('arg_nodes') or [i for i, n in enumerate(sub['nodes']) if n['op'] == 'null']
+    if len(args) != len(node['inputs']):
+        raise ValueError('fused node %r (op %s) has %d inputs but its subgraph %d variables: '
+                         'cannot unfuse it' % (node['name'], node['op'], len(node['inputs']),
+                                               len(args)))
+    return list(args)
+
+
+@dataclasses.dataclass
+class Unfused:
+    """The unfused graph of a fused one, and how their names relate."""
+    symbol: mx.sym.Symbol
+    heads: Dict[Tuple[str, int], Tuple[str, int]]  # (fused node, out) -> (unfused node, out)
+    owner: Dict[str, str]                          # unfused node -> the fused node it is in
+
+
+def unfuse(fused: mx.sym.Symbol) -> Unfused:
+    """``fused`` with every fused node replaced by the ops inside it (a fused node's
+    output k is its subgraph's head k)."""
+    graph = json.loads(fused.tojson())
+    order: List[dict] = []
+    where: Dict[Tuple[int, int], Tuple[int, int]] = {}   # (old node, out) -> (new node, out)
+    owner: Dict[str, str] = {}
+    for i, node in enumerate(graph['nodes']):
+        inputs = [where[(src, out)] for src, out, _ in node['inputs']]
+        if not node.get('subgraphs'):
+            node['inputs'] = [[s, o, 0] for s, o in inputs]
+            order.append(node)
+            owner[node['name']] = node['name']
+            where.update(_entries(i, len(order) - 1, node))
+            continue
+        sub = node['subgraphs'][0]
+        local = {(arg, 0): entry for arg, entry in zip(_subgraph_args(node), inputs)}
+        for j, inner in enumerate(sub['nodes']):
+            if inner['op'] == 'null':
+                continue
+            inner['inputs'] = [list(local[(s, o)]) + [0] for s, o, _ in inner['inputs']]
+            order.append(inner)
+            owner[inner['name']] = node['name']
+            local.update(_entries(j, len(order) - 1, inner))
+        where.update({(i, k): local[(h, o)] for k, (h, o, _) in enumerate(sub['heads'])})
+    graph['nodes'] = order
+    graph['arg_nodes'] = [i for i, n in enumerate(order) if n['op'] == 'null']
+    graph['heads'] = [list(where[(s, o)]) + [0] for s, o, _ in graph['heads']]
+    graph.pop('node_row_ptr', None)
+    old = graph_nodes_by_index(fused)
+    heads = {(old[i], k): (order[j]['name'], o) for (i, k), (j, o) in where.items()
+             if old[i] is not None}
+    return Unfused(mx.sym.load_json(json.dumps(graph)), heads, owner)
+
+
+def graph_nodes_by_index(symbol: mx.sym.Symbol) -> List[str]:
+    """Node index -> name for compute nodes (None for variables)."""
+    return [n['name'] if n['op'] != 'null' else None
+            for n in json.loads(symbol.tojson())['nodes']]
+
+
+_MAX_OUTPUTS = 16  # no op of a classification network has more outputs
+
+
+def _entries(old: int, new: int, node: dict) -> Dict[Tuple[int, int], Tuple[int, int]]:
+    count = int(node.get('attrs', {}).get('num_outputs', 1)) if node['op'] == 'SliceChannel' \
+        else _MAX_OUTPUTS
+    return {(old, k): (new, k) for k in range(count)}
+
+
+def tensor_names(fused: mx.sym.Symbol) -> Dict[str, str]:
+    """Tensor name in the fused graph (``sg_mkldnn_conv_bn_act_0_output``) -> the same
+    tensor's name in the traced graph (``conv0_relu_fwd_output``): a fused node's output
+    is its subgraph head's output; a conv that :func:`guard` copied computes what the
+    original does (``conv0_fwd_fusecopy1`` -> ``conv0_fwd``)."""
+    unfused = unfuse(fused)
+    traced = {(node, idx): name for node, idx, name in graph_outputs(unfused.symbol)}
+    found = {}
+    for node, idx, out_name in graph_outputs(fused):
+        inner = unfused.heads.get((node, idx))
+        if inner is not None and inner in traced:
+            found[out_name] = _COPY.sub('', traced[inner])
+        elif out_name == node:  # a variable: the network input keeps its name
+            found[out_name] = out_name
+    return found
 
 
 # -- verification ---------------------------------------------------------------------
@@ -170,15 +267,11 @@ def verify(fused: mx.sym.Symbol, traced: mx.sym.Symbol, data_names: Sequence[str
 
 def _first_difference(fused, traced, data_names, params, inputs) -> Tuple[Optional[str], float]:
     """The first fused node (graph order) whose output differs from the traced tensor of
-    the same name (a fused node computes the output of its subgraph's head)."""
-    graph = json.loads(fused.tojson())
-    pairs = []  # (fused node name, fused output name, traced output name)
-    for node in graph['nodes']:
-        if node['op'] == 'null':
-            continue
-        inner = node.get('subgraphs')
-        head = inner[0]['nodes'][inner[0]['heads'][0][0]]['name'] if inner else node['name']
-        pairs.append((node['name'], node['name'] + '_output', head + '_output'))
+    the same name (:func:`tensor_names`: a fused node computes its subgraph head's
+    output)."""
+    names = tensor_names(fused)
+    pairs = [(node, out, names[out]) for node, idx, out in graph_outputs(fused)
+             if idx == 0 and out in names]
     fused_out = dict(zip(fused.get_internals().list_outputs(),
                          _outputs(fused.get_internals(), data_names, params, inputs)))
     traced_out = dict(zip(traced.get_internals().list_outputs(),

@@ -13,6 +13,10 @@ one unit of files:
   only with ``export(..., fp32_reference=True)``;
 * ``.<name>.lock`` in the same folder: the lock that exports and loads of the prefix take.
 
+The ONNX export (``export(prefix, format='onnx')``) is one file, ``prefix.onnx``
+(``prefix-0001.onnx`` for epoch 1), which carries its calibration table and layer table
+in its metadata.
+
 Epoch 0 keeps the names of the time when there was one sidecar per prefix, so exports
 made then still load. :mod:`gluon_int8.store` writes and reads these files,
 :mod:`gluon_int8.distributed` ships them to its actors; neither spells a name itself.
@@ -23,6 +27,8 @@ import re
 from typing import Dict, List
 
 SYMBOL, PARAMS, SIDECAR, FP32 = 'symbol', 'params', 'sidecar', 'fp32'
+ONNX = 'onnx'
+ONNX_SUFFIX = '.onnx'
 MAX_EPOCH = 9999
 
 
@@ -55,6 +61,16 @@ def sidecar_file(prefix: str, epoch: int = 0) -> str:
 def fp32_file(prefix: str, epoch: int = 0) -> str:
     """The optional FP32 values :meth:`QuantizedBlock.report` compares against."""
     return _per_epoch(prefix, epoch, '-fp32.params')
+
+
+def onnx_file(prefix: str, epoch: int = 0) -> str:
+    """The ONNX QDQ model of one epoch."""
+    return _per_epoch(prefix, epoch, ONNX_SUFFIX)
+
+
+def is_onnx(path: str) -> bool:
+    """True for the path of an ONNX file (as opposed to an MXNet export prefix)."""
+    return str(path).endswith(ONNX_SUFFIX)
 
 
 def lock_file(prefix: str) -> str:

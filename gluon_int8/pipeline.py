@@ -144,6 +144,8 @@ def convert(prepared: Prepared, table: Optional[CalibrationTable],
             prepared = replan(prepared, {**prepared.plan.reasons, **problems})
             continue
         qnet, qsym, values = built
+        if batch is not None:  # what the ONNX export writes as the input shapes
+            qnet.input_shapes = [tuple(b.shape[1:]) for b in batch]
         if batch is None or self_check == 'off':
             return qnet
         crash = _crashes(qnet, batch)

@@ -163,6 +163,10 @@ def _dtypes(symbol: mx.sym.Symbol, data_names: Sequence[str]) -> Dict[str, str]:
             for name, t in zip(internals.list_outputs(), types)}
 
 
+# how the ONNX exporter (gluon_int8.onnx_qdq) reads the INT8 graph that runs, too
+GraphView, tensor_dtypes = _View, _dtypes
+
+
 def pattern_of(node: dict, weight: Optional[str], rewrites: 'Rewrites') -> Optional[str]:
     """The op-table pattern of an INT8 node, in the form the plan gave it."""
     if weight is not None and weight in rewrites.seven_bit:
@@ -655,6 +659,23 @@ def signed_relu(fused: mx.sym.Symbol, name: str) -> mx.sym.Symbol:
     log.info('%s: its ReLU becomes a leaky ReLU of slope %g, so that it emits int8', name,
              SIGNED_SLOPE)
     return mx.sym.load_json(json.dumps(graph))
+
+
+def restore_relus(fused: mx.sym.Symbol) -> Tuple[mx.sym.Symbol, FrozenSet[str]]:
+    """``fused`` with every ReLU that :func:`signed_relu` made leaky a ReLU again, and the
+    names of those convs: a runtime with kernels of its own (ONNX) runs the network's
+    own function, with the convs' outputs uint8."""
+    graph, restored = json.loads(fused.tojson()), set()
+    for node in graph['nodes']:
+        for inner in node.get('subgraphs', [{}])[0].get('nodes', []):
+            attrs = inner.get('attrs', {})
+            if inner['op'] == 'LeakyReLU' and attrs.get('act_type') == 'leaky' and \
+                    float(attrs.get('slope', 'nan')) == SIGNED_SLOPE:
+                inner['op'], inner['attrs'] = 'Activation', {'act_type': 'relu'}
+                restored.add(node['name'])
+    if not restored:
+        return fused, frozenset()
+    return mx.sym.load_json(json.dumps(graph)), frozenset(restored)
 
 
 def _merge_notes(into: dict, more: dict) -> None:

@@ -12,7 +12,6 @@ owns what the built-in Python layer gets wrong or leaves out:
 * a per-layer summary: which layers run INT8, which stay FP32, and why, and what the plan
   (:mod:`gluon_int8.plan`, which makes every INT8 kernel correct) changed for a layer.
 """
-import ctypes
 import dataclasses
 import fnmatch
 import json
@@ -21,10 +20,7 @@ import re
 from typing import Dict, Iterable, List, Mapping, Sequence, Tuple
 
 import mxnet as mx
-import numpy as np
-from mxnet.base import _LIB, check_call, c_array, c_str, c_str_array, mx_uint, py_str
-from mxnet.base import SymbolHandle
-
+from . import mxnet_private
 from .op_table import INT8_CAPABLE
 
 log = logging.getLogger(__name__)
@@ -115,20 +111,9 @@ def quantize_symbol(symbol: mx.sym.Symbol, excluded_names: Sequence[str],
                     quantize_mode: str, granularity: str) -> Tuple[mx.sym.Symbol, List[str]]:
     """Run MXNet's quantization pass; return the INT8 symbol and the layer outputs
     (and graph inputs) that need calibrated thresholds."""
-    out = SymbolHandle()
-    num_calib = mx_uint()
-    calib_names = ctypes.POINTER(ctypes.c_char_p)()
-    offline = [c_str(name) for name in offline_params]
-    check_call(_LIB.MXQuantizeSymbol(
-        symbol.handle, ctypes.byref(out), ctypes.byref(ctypes.c_int(mx.cpu().device_typeid)),
-        mx_uint(len(excluded_names)), c_str_array(list(excluded_names)),
-        mx_uint(0), c_str_array([]),
-        mx_uint(len(offline)), c_array(ctypes.c_char_p, offline),
-        c_str(quantized_dtype), ctypes.c_bool(True), c_str(quantize_mode),
-        c_str(GRANULARITIES[granularity]),
-        ctypes.byref(num_calib), ctypes.byref(calib_names)))
-    layers = [py_str(calib_names[i]) for i in range(num_calib.value)]
-    return mx.sym.Symbol(out), layers
+    return mxnet_private.quantize_symbol(symbol, excluded_names, offline_params,
+                                         quantized_dtype, quantize_mode,
+                                         GRANULARITIES[granularity])
 
 
 def graph_outputs(symbol: mx.sym.Symbol) -> List[Tuple[str, int, str]]:
@@ -162,13 +147,8 @@ def quantize_node_inputs(qsym: mx.sym.Symbol) -> List[str]:
 def set_calib_table(qsym: mx.sym.Symbol, ranges: Mapping[str, Tuple[float, float]]) -> mx.sym.Symbol:
     """Write the (min, max) range of every calibrated layer output into ``qsym``."""
     names = list(ranges)
-    calibrated = SymbolHandle()
-    check_call(_LIB.MXSetCalibTableToQuantizedSymbol(
-        qsym.handle, mx_uint(len(names)), c_str_array(names),
-        c_array(ctypes.c_float, [ranges[n][0] for n in names]),
-        c_array(ctypes.c_float, [ranges[n][1] for n in names]),
-        ctypes.byref(calibrated)))
-    return mx.sym.Symbol(calibrated)
+    return mxnet_private.set_calib_table(qsym, names, [ranges[n][0] for n in names],
+                                         [ranges[n][1] for n in names])
 
 
 def quantize_offline_params(qsym: mx.sym.Symbol, arg_params: Mapping[str, mx.nd.NDArray],

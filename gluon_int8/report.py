@@ -31,6 +31,7 @@ from typing import Dict, Iterable, List, Mapping, Optional, Tuple
 import mxnet as mx
 import numpy as np
 
+from . import mxnet_private
 from .calibrate import OpHook, hooked_block, run_hooked
 from .data import iter_batches
 from .quantize_graph import INT8_READ_RANGE, UINT8_READ_RANGE, graph_outputs
@@ -336,12 +337,12 @@ def layer_report(qnet, data, num_batches: Optional[int] = None,
         raise ValueError('qnet: this QuantizedBlock carries no FP32 graph to compare with '
                          '(it was exported without it, or by an older gluon-int8); '
                          'quantize the FP32 network again to get a report')
-    data_names = [s.name for s in qnet._cached_graph[0]]
+    data_names = [s.name for s in mxnet_private.cached_graph(qnet)[0]]
     values = {p.name: p.data() for p in qnet.collect_params().values()}
     fp32_values = dict(values)
     fp32_values.update(qnet.fp32_graph.params)
     names = [layer.name for layer in qnet.layers]
-    int8_symbol = qnet._cached_graph[1]
+    int8_symbol = mxnet_private.cached_graph(qnet)[1]
     comparison = _Comparison()
     ref_hook = OpHook(output_keys(qnet.fp32_graph.symbol, names), comparison.compare)
     int8_hook = OpHook(output_keys(int8_symbol, names + ['quantized_' + n for n in names]),

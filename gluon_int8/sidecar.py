@@ -32,14 +32,18 @@ class Sidecar:
     calib_table: Optional[CalibrationTable]
     layers: List[LayerInfo]
     fp32_graph: Optional[dict]  # the fused FP32 graph, for report()
+    input_shapes: Optional[list] = None  # per input, without the batch axis (ONNX export)
 
     def to_dict(self) -> dict:
-        return {'format_version': VERSION, 'data_names': list(self.data_names),
-                'out_format': self.out_format, 'int8_weights': list(self.int8_weights),
-                'graph': self.graph,
-                'calib_table': self.calib_table.to_dict() if self.calib_table else None,
-                'layers': [row.to_dict() for row in self.layers],
-                'fp32_graph': self.fp32_graph}
+        found = {'format_version': VERSION, 'data_names': list(self.data_names),
+                 'out_format': self.out_format, 'int8_weights': list(self.int8_weights),
+                 'graph': self.graph,
+                 'calib_table': self.calib_table.to_dict() if self.calib_table else None,
+                 'layers': [row.to_dict() for row in self.layers],
+                 'fp32_graph': self.fp32_graph}
+        if self.input_shapes is not None:  # absent, not null: older exports stay identical
+            found['input_shapes'] = [list(s) for s in self.input_shapes]
+        return found
 
     @classmethod
     def from_dict(cls, meta: dict, path: str) -> 'Sidecar':
@@ -60,14 +64,18 @@ class Sidecar:
         check(isinstance(meta.get('layers', []), list)
               and all(_valid_layer(r) for r in meta.get('layers', [])), 'layers',
               'a list of {name, op, dtype, reason, layers}')
+        check(meta.get('input_shapes') is None or _valid_shapes(meta['input_shapes']),
+              'input_shapes', 'a list of shapes (lists of positive ints)')
         table = meta.get('calib_table')
         return cls(list(meta['data_names']), meta.get('out_format'),
                    list(meta.get('int8_weights', [])), meta.get('graph'),
                    CalibrationTable.from_dict(table, source='prefix: %r' % path)
                    if table else None,
-                   [LayerInfo(r['name'], r['op'], r['dtype'], r['reason'], tuple(r['layers']))
+                   [LayerInfo(r['name'], r['op'], r['dtype'], r['reason'], tuple(r['layers']),
+                              r.get('note', '') if isinstance(r.get('note', ''), str) else '')
                     for r in meta.get('layers', [])],
-                   meta.get('fp32_graph'))
+                   meta.get('fp32_graph'),
+                   [tuple(s) for s in meta['input_shapes']] if meta.get('input_shapes') else None)
 
     def num_outputs(self) -> Optional[int]:
         """How many flat outputs ``out_format`` regroups (None without a format)."""
@@ -90,6 +98,12 @@ def _shorten(value) -> str:
 
 def _str_list(value) -> bool:
     return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+def _valid_shapes(value) -> bool:
+    return isinstance(value, list) and all(
+        isinstance(s, list) and all(isinstance(d, int) and not isinstance(d, bool) and d > 0
+                                    for d in s) for s in value)
 
 
 def _valid_layer(row) -> bool:

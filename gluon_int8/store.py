@@ -43,7 +43,7 @@ from .sidecar import VERSION as SIDECAR_VERSION
 
 log = logging.getLogger(__name__)
 
-Payload = Union[str, Mapping[str, mx.nd.NDArray]]  # text, or arrays for nd.save
+Payload = Union[str, bytes, Mapping[str, mx.nd.NDArray]]  # text, bytes, or arrays for nd.save
 CHECKSUM = 'checksum'  # the sidecar's checksum of its own content
 FILES = 'files'        # the sidecar's manifest: role -> {'size', 'sha256'}
 
@@ -152,8 +152,8 @@ def _same_arrays(saved, arrays: Mapping[str, mx.nd.NDArray]) -> bool:
 def _write_verified(path: str, payload: Payload) -> bytes:
     """Write ``payload`` to ``path``, make it durable, and return the bytes read back
     from disk after checking they hold exactly ``payload``."""
-    if isinstance(payload, str):
-        expected = payload.encode('utf-8')
+    if isinstance(payload, (str, bytes)):
+        expected = payload.encode('utf-8') if isinstance(payload, str) else payload
         with open(path, 'wb') as f:
             f.write(expected)
         _fsync(path)
@@ -212,6 +212,26 @@ def write_export(prefix: str, epoch: int, payloads: Dict[str, Payload],
                 if os.path.exists(tmp):
                     os.remove(tmp)
     return [paths[role] for role in temps]
+
+
+def write_file(prefix: str, path: str, data: bytes) -> str:
+    """Write one file of an export (the ONNX model) the way :func:`write_export` writes a
+    unit: under the prefix's lock, verified on disk under a temporary name, then renamed
+    into place; OSError naming the prefix and the file, the old file unchanged."""
+    temps: Dict[str, str] = {}
+    with locked(prefix):
+        try:
+            _stage(prefix, path, data, temps, 'file')
+            try:
+                os.replace(temps['file'], path)
+            except OSError as err:
+                raise _write_error(prefix, path, err, 'the file there is unchanged') from err
+            _fsync(os.path.dirname(os.path.abspath(path)))
+        finally:
+            for tmp in temps.values():
+                if os.path.exists(tmp):
+                    os.remove(tmp)
+    return path
 
 
 def _stage(prefix: str, final: str, payload: Payload, temps: Dict[str, str], role: str) -> dict:

@@ -8,7 +8,10 @@ shares, so a table also records
 
 * the **fingerprint** of the network it was calibrated on (:func:`fingerprint`: the
   traced graph's structure and every weight), compared with the network it is used on;
-* the calibration **mode** and **quantized_dtype**, compared with the call's.
+* the calibration **mode** and **quantized_dtype**, compared with the call's;
+* per range, the name of the same **tensor in the traced graph** (``tensors``:
+  ``conv0_relu_fwd_output`` for ``sg_mkldnn_conv_bn_act_0_output``), so that an exporter
+  working on the unfused graph (the ONNX QDQ export) puts each range on its tensor.
 
 A mismatch is refused, or only logged as a warning with
 ``quantize_net(..., allow_table_mismatch=True)``. A table that cannot work is always
@@ -42,13 +45,15 @@ class CalibrationTable:
     """Quantization range ``(min, max)`` of each calibrated layer output.
 
     ``observed`` keeps the calibrated ``(min, max)`` the thresholds were chosen from;
-    ``fingerprint`` is :func:`fingerprint` of the network calibrated (None: unknown).
+    ``fingerprint`` is :func:`fingerprint` of the network calibrated (None: unknown);
+    ``tensors`` maps a layer to its tensor's name in the traced graph (where known).
     """
     ranges: Dict[str, Tuple[float, float]]
     mode: str
     quantized_dtype: str
     observed: Dict[str, Tuple[float, float]] = dataclasses.field(default_factory=dict)
     fingerprint: Optional[str] = None
+    tensors: Dict[str, str] = dataclasses.field(default_factory=dict)
 
     def check_layers(self, required: Iterable[str], source: str = 'calib_table') -> None:
         """Raise unless the table has every ``required`` layer. Other layers are allowed:
@@ -61,8 +66,10 @@ class CalibrationTable:
     def to_dict(self) -> dict:
         return {'format_version': FORMAT_VERSION, 'mode': self.mode,
                 'quantized_dtype': self.quantized_dtype, 'fingerprint': self.fingerprint,
-                'layers': {name: {'range': list(rng),
-                                  'observed': list(self.observed.get(name, rng))}
+                'layers': {name: dict({'range': list(rng),
+                                       'observed': list(self.observed.get(name, rng))},
+                                      **({'tensor': self.tensors[name]}
+                                         if name in self.tensors else {}))
                            for name, rng in self.ranges.items()}}
 
     @classmethod
@@ -79,7 +86,11 @@ class CalibrationTable:
             stamp = data.get('fingerprint')
             if stamp is not None and not isinstance(stamp, str):
                 raise TypeError('fingerprint is %r, not a string' % (stamp,))
-            return cls(ranges, str(data['mode']), str(data['quantized_dtype']), observed, stamp)
+            tensors = {n: v['tensor'] for n, v in layers.items() if 'tensor' in v}
+            if not all(isinstance(t, str) for t in tensors.values()):
+                raise TypeError('a layer\'s tensor is not a string')
+            return cls(ranges, str(data['mode']), str(data['quantized_dtype']), observed, stamp,
+                       tensors)
         except (KeyError, TypeError, IndexError, ValueError, AttributeError) as err:
             raise ValueError('%s: malformed calibration table (%s: %s)'
                              % (source, type(err).__name__, err)) from err

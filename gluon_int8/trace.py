@@ -13,6 +13,7 @@ from typing import Dict, List, Optional, Sequence
 import mxnet as mx
 from mxnet.gluon import HybridBlock, SymbolBlock
 
+from . import mxnet_private
 from .table import fingerprint
 
 
@@ -46,11 +47,12 @@ def count_inputs(block: HybridBlock) -> int:
     ``hybrid_forward`` after ``F`` (parameters registered on the block are keyword
     arguments and do not count).
     """
-    if block._cached_graph:
-        return len(block._cached_graph[0])
+    cached = mxnet_private.cached_graph(block)
+    if cached:
+        return len(cached[0])
     signature = inspect.signature(block.hybrid_forward)
     params = list(signature.parameters.values())[1:]  # drop F
-    registered = set(block._reg_params)
+    registered = mxnet_private.registered_params(block)
     required = [p for p in params
                 if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
                 and p.default is p.empty and p.name not in registered]
@@ -61,9 +63,10 @@ def _check_initialized(block: HybridBlock) -> bool:
     """True when every parameter has data; False when some wait for deferred init."""
     deferred = False
     for name, param in block.collect_params().items():
-        if param._deferred_init:
+        state = mxnet_private.param_state(param)
+        if state == 'deferred':
             deferred = True
-        elif param._data is None:
+        elif state == 'empty':
             raise ValueError('block: parameter %r is not initialized; call '
                              'block.initialize() or load its parameters first' % name)
     return not deferred
@@ -81,19 +84,14 @@ def trace(block: HybridBlock, sample_inputs: Sequence[mx.nd.NDArray] = None) -> 
             raise ValueError('block: some parameters wait for deferred initialization and '
                              'no calib_data was given to run one forward pass')
         block(*sample_inputs[:num_inputs])  # finishes the deferred initialization
-    saved = (block._cached_graph, block._in_format, block._out_format)
     placeholders = [mx.sym.var('data%d' % i) for i in range(num_inputs)]
     try:
-        inputs, out = block._get_graph(*placeholders)
-        out_format = block._out_format
+        inputs, out, out_format = mxnet_private.traced_graph(block, placeholders)
     except Exception as err:  # user code: anything can fail when it meets a Symbol
         raise ValueError('block: %s cannot be hybridized: its hybrid_forward failed on '
                          'symbolic inputs (%s: %s); it may only use F.* operators, no '
                          'NDArray-only calls such as asnumpy(), shape or indexing'
                          % (type(block).__name__, type(err).__name__, err)) from err
-    finally:
-        if not saved[0]:
-            block._cached_graph, block._in_format, block._out_format = saved
     data_names = [sym.name for sym in inputs]
     params = {p.name: p for p in block.collect_params().values()}
     arg_params = {n: params[n].data() for n in out.list_arguments() if n not in data_names}
@@ -116,5 +114,5 @@ def build_symbol_block(symbol: mx.sym.Symbol, data_names: Sequence[str],
         param.grad_req = 'null'
         if param.name not in values:
             raise ValueError('graph argument %r has no parameter value' % param.name)
-        param._load_init(values[param.name], mx.cpu(), cast_dtype=True, dtype_source='saved')
+        mxnet_private.load_param(param, values[param.name])
     return block

@@ -41,6 +41,7 @@ from mxnet.gluon import HybridBlock
 
 from . import pipeline
 from .api import Options, prepare, table_from_stats, validate
+from .fuse import tensor_names
 from .block import QuantizedBlock
 from .collectors import HistogramCollector
 from .data import iter_batches
@@ -301,7 +302,7 @@ class _Builder:
         opts = dataclasses.replace(self.opts, mode=mode, granularity=granularity)
         table = table_from_stats({n: self.stats[n] for n in layers if n in self.stats}, opts,
                                  quantize_node_inputs(prepared.plan.qsym), prepared.data_names,
-                                 prepared.traced.fingerprint())
+                                 prepared.traced.fingerprint(), tensor_names(prepared.plan.fused))
         check = final or self.opts.self_check == 'fallback'
         return pipeline.convert(prepared, table, self.batches[0] if check else None,
                                 self.opts.self_check)

@@ -16,6 +16,7 @@ from typing import Optional, Tuple
 
 import mxnet as mx
 
+from . import mxnet_private
 from .data import DEFAULT_BATCH_SIZE
 from .datasets import IMAGENET, PREPROCESS, ImageSource, Preprocess
 
@@ -117,7 +118,7 @@ def set_batchnorm_statistics(net, batch: mx.nd.NDArray) -> int:
 
     def set_stats(block, args):
         x = args[0]
-        axis = block._kwargs.get('axis', 1) % x.ndim
+        axis = mxnet_private.batchnorm_axis(block) % x.ndim
         reduce_axes = tuple(a for a in range(x.ndim) if a != axis)
         mean = x.mean(axis=reduce_axes)
         centred = x - mean.reshape([-1 if a == axis else 1 for a in range(x.ndim)])

@@ -102,6 +102,22 @@ def test_evaluate_equals_single_process(local_ray, exported):
     assert mean_correct == pytest.approx(single, abs=1e-12)
 
 
+@pytest.mark.parametrize('runtime', ['onnxruntime', 'openvino'])
+def test_an_onnx_export_runs_on_its_runtime(local_ray, exported, tmp_path, runtime):
+    from gluon_int8 import runtimes
+    _, qnet, images, labels, _ = exported
+    images, labels = images[:256], labels[:256]
+    path = qnet.export(str(tmp_path / 'cq'), format='onnx')[0]
+    block = runtimes.load_onnx(path, runtime, threads=1)
+    reference = np.concatenate([block(images[i:i + BATCH]).asnumpy()
+                                for i in range(0, len(images), BATCH)])
+    model = path if runtime == 'onnxruntime' else block  # a path runs on ONNX Runtime
+    out = distributed.batch_predict(model, images, batch_size=BATCH, num_actors=2)
+    np.testing.assert_allclose(out, reference, rtol=1e-5, atol=1e-5)
+    single = fashion_mnist.evaluate(block, images, labels, batch_size=BATCH)
+    assert distributed.evaluate(model, images, labels, batch_size=BATCH) == single
+
+
 @pytest.mark.parametrize('kwargs, match', [
     (dict(batch_size=0), 'batch_size: got 0'),
     (dict(num_actors=-1), 'num_actors: got -1'),

@@ -1,0 +1,411 @@
+"""ONNX QDQ export (issue 15) and the runtimes that run it.
+
+Tiers: graph tests on tiny inline blocks (the unfused graph computes the fused one, the
+FP32 ONNX graph computes the network, the QDQ model is standard QDQ, ONNX Runtime and
+OpenVINO agree with MXNet INT8); bad input (ops without a converter, layers the ONNX
+graph cannot hold, files a runtime refuses, options); the CLI; and one test per shipped
+Fashion-MNIST family on the bundled slice.
+"""
+import logging
+import os
+
+import mxnet as mx
+import numpy as np
+import onnx
+import pytest
+from mxnet.gluon import nn
+from onnx import numpy_helper
+
+import gluon_int8
+from gluon_int8 import exporters, onnx_graph, onnx_qdq, runtimes, store
+from gluon_int8.cli import main
+from gluon_int8.fuse import fuse, tensor_names, unfuse
+from gluon_int8.onnx_graph import UnsupportedOpError
+from gluon_int8.table import CalibrationTable
+from gluon_int8.trace import build_symbol_block, trace
+from gluon_int8_samples import fashion_mnist as fm
+from conftest import (ConcatBlock, ConvBNAct, ConvBNSum, DenseBlock, DepthwiseBlock, PoolBlock,
+                      TwoInputs, TwoOutputs, as_list, cosine, make_net)
+
+
+class ShuffleBlock(nn.HybridBlock):
+    """conv -> channel shuffle (MXNet's reshape codes -4/-3/-2) -> conv, as ShuffleNet."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.a = ConvBNAct(8)
+        self.b = nn.Conv2D(8, 1)
+
+    def hybrid_forward(self, F, x):
+        y = self.a(x)
+        y = F.reshape(y, shape=(0, -4, 2, -1, -2))
+        return self.b(F.reshape(F.swapaxes(y, 1, 2), shape=(0, -3, -2)))
+
+
+class PreActBlock(nn.HybridBlock):
+    """A stem conv whose raw output is both a shortcut and BN -> ReLU -> conv's input: the
+    fusion guard copies the conv, so the unfused graph has a ``_fusecopy`` node."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.stem = nn.Conv2D(8, 3, padding=1, use_bias=False)
+        self.bn = nn.BatchNorm()
+        self.conv = nn.Conv2D(8, 3, padding=1, use_bias=False)
+
+    def hybrid_forward(self, F, x):
+        x = self.stem(x)
+        return self.conv(F.Activation(self.bn(x), act_type='relu')) + x
+
+
+class ErfBlock(nn.HybridBlock):
+    """conv -> erf -> conv: MXNet 1.9.1's ONNX exporter has no converter for erf."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.a = nn.Conv2D(8, 3, padding=1)
+        self.b = nn.Conv2D(8, 1)
+
+    def hybrid_forward(self, F, x):
+        return self.b(F.erf(self.a(x)))
+
+
+BLOCKS = [ConvBNAct, ConvBNSum, ConcatBlock, DepthwiseBlock, PoolBlock, ShuffleBlock,
+          PreActBlock]
+SHAPE = (8, 3, 16, 16)
+
+
+def _qnet(cls=ConvBNSum, shapes=(SHAPE,), **kwargs):
+    net, inputs = make_net(cls, *shapes)
+    return net, gluon_int8.quantize_net(net, [tuple(inputs)] * 2, mode='naive', **kwargs), inputs
+
+
+@pytest.fixture(scope='module')
+def convbnsum():
+    return _qnet(ConvBNSum)
+
+
+# -- the graph the export starts from -------------------------------------------------------
+
+@pytest.mark.parametrize('cls', [ConvBNSum, PreActBlock])
+def test_unfused_graph_computes_the_fused_graph(cls):
+    net, inputs = make_net(cls, SHAPE)
+    traced = trace(net, inputs)
+    params = {**traced.arg_params, **traced.aux_params}
+    fused = fuse(traced.symbol)
+    unfused = unfuse(fused)
+    assert not any(n.startswith('sg_mkldnn') for n in unfused.owner)  # every node inlined
+    want = build_symbol_block(fused, traced.data_names, params, {})(*inputs).asnumpy()
+    got = build_symbol_block(unfused.symbol, traced.data_names, params, {})(*inputs).asnumpy()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_table_names_each_range_in_the_traced_graph(tmp_path):
+    net, qnet, inputs = _qnet(PreActBlock)
+    traced = set(trace(net, inputs).symbol.get_internals().list_outputs())
+    table = qnet.calib_table
+    assert set(table.tensors) == set(table.ranges)
+    assert set(table.tensors.values()) <= traced  # copies named by the conv they copy
+    assert table.tensors['data'] == 'data'
+    table.save(str(tmp_path / 't.json'))
+    assert CalibrationTable.load(str(tmp_path / 't.json')).tensors == table.tensors
+
+
+def test_tensor_names_of_a_fused_conv_is_its_subgraph_head():
+    net, inputs = make_net(ConvBNAct, SHAPE)
+    names = tensor_names(fuse(trace(net, inputs).symbol))
+    fused = [k for k in names if k.startswith('sg_mkldnn_conv')]
+    assert len(fused) == 1
+    assert names[fused[0]].endswith('_activation0_output')  # conv -> BN -> the ReLU's output
+
+
+@pytest.mark.parametrize('cls', BLOCKS + [DenseBlock])
+def test_fp32_onnx_graph_computes_the_network(cls):
+    import onnxruntime as ort
+    shape = (8, 20) if cls is DenseBlock else SHAPE
+    net, inputs = make_net(cls, shape)
+    traced = trace(net, inputs)
+    unfused = unfuse(fuse(traced.symbol))
+    data_shapes = {traced.data_names[0]: (1,) + shape[1:]}
+    symbol = onnx_graph.explicit_reshapes(unfused.symbol, data_shapes)
+    model = onnx_graph.to_onnx(symbol, {**traced.arg_params, **traced.aux_params}, data_shapes)
+    onnx_graph.fold_batchnorm(model)
+    onnx.checker.check_model(model)
+    assert [o.version for o in model.opset_import] == [onnx_graph.OPSET]
+    assert not {i.name for i in model.graph.input} & {i.name for i in model.graph.initializer}
+    session = ort.InferenceSession(model.SerializeToString(), providers=['CPUExecutionProvider'])
+    got = session.run(None, {traced.data_names[0]: inputs[0].asnumpy()})[0]
+    want = net(*inputs).asnumpy()
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+# -- the QDQ model ------------------------------------------------------------------------
+
+def _initializers(model):
+    return {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+
+
+def test_qdq_model_is_standard_qdq(convbnsum, tmp_path):
+    _, qnet, _ = convbnsum
+    path = qnet.export(str(tmp_path / 'cq'), format='onnx')[0]
+    assert path == str(tmp_path / 'cq.onnx')
+    model = onnx.load(path)
+    onnx.checker.check_model(model)
+    assert [(o.domain, o.version) for o in model.opset_import] == [('', 13)]
+    inits = _initializers(model)
+    assert [i.name for i in model.graph.input] == ['data']
+    producers = {out: n for n in model.graph.node for out in n.output}
+    convs = [n for n in model.graph.node if n.op_type == 'Conv']
+    assert len(convs) == 2
+    for conv in convs:
+        data, weight, bias = (producers[name] for name in conv.input)
+        assert data.op_type == weight.op_type == bias.op_type == 'DequantizeLinear'
+        w = inits[weight.input[0]]
+        assert w.dtype == np.int8 and np.abs(w).max() <= 127
+        assert inits[weight.input[1]].shape == (w.shape[0],)  # per output channel
+        assert [a.i for a in weight.attribute if a.name == 'axis'] == [0]
+        assert inits[bias.input[0]].dtype == np.int32
+        assert inits[data.input[2]].dtype == np.uint8  # u8 activations
+    for node in model.graph.node:
+        if node.op_type == 'QuantizeLinear':
+            assert inits[node.input[2]].dtype == np.uint8
+    assert not any(n.op_type == 'BatchNormalization' for n in model.graph.node)  # folded
+    meta = exporters.read_metadata(model)
+    assert meta['data_names'] == ['data'] and meta['input_shapes'] == [list(SHAPE[1:])]
+    assert [r['name'] for r in meta['layers']] == [r.name for r in qnet.layers]
+    assert CalibrationTable.from_dict(meta['calib_table']).ranges == qnet.calib_table.ranges
+
+
+def test_export_is_deterministic(convbnsum, tmp_path):
+    _, qnet, _ = convbnsum
+    first = qnet.export(str(tmp_path / 'a'), format='onnx')[0]
+    second = qnet.export(str(tmp_path / 'b'), format='onnx')[0]
+    with open(first, 'rb') as a, open(second, 'rb') as b:
+        assert a.read() == b.read()
+
+
+@pytest.mark.parametrize('runtime', runtimes.RUNTIMES)
+@pytest.mark.parametrize('cls', BLOCKS)
+def test_runtimes_compute_what_mxnet_int8_computes(cls, runtime, tmp_path):
+    net, qnet, inputs = _qnet(cls)
+    block = runtimes.load_onnx(qnet.export(str(tmp_path / 'cq'), format='onnx')[0], runtime)
+    got, want = block(*inputs), qnet(*inputs)
+    assert isinstance(got, mx.nd.NDArray) and got.shape == want.shape
+    # 8-bit activations on both sides, 7-bit weights in ONNX on a CPU without VNNI
+    assert cosine(got, want) >= 0.998
+    assert cosine(got, net(*inputs)) >= 0.995
+    assert block.int8_layers == qnet.int8_layers and block.layers == qnet.layers
+
+
+@pytest.mark.parametrize('cls, shapes', [(TwoInputs, (SHAPE, SHAPE)), (TwoOutputs, (SHAPE,))])
+def test_several_inputs_and_outputs_keep_their_order(cls, shapes, tmp_path):
+    net, qnet, inputs = _qnet(cls, shapes)
+    block = runtimes.load_onnx(qnet.export(str(tmp_path / 'cq'), format='onnx')[0])
+    got, want = as_list(block(*inputs)), as_list(qnet(*inputs))
+    assert [g.shape for g in got] == [w.shape for w in want]
+    for g, w in zip(got, want):
+        assert cosine(g, w) >= 0.998
+
+
+def test_loaded_export_with_its_fp32_reference_exports_the_same_model(convbnsum, tmp_path):
+    _, qnet, _ = convbnsum
+    qnet.export(str(tmp_path / 'cq'), fp32_reference=True)
+    loaded = gluon_int8.load(str(tmp_path / 'cq'))
+    a = qnet.export(str(tmp_path / 'a'), format='onnx')[0]
+    b = loaded.export(str(tmp_path / 'b'), format='onnx')[0]
+    inputs = [mx.nd.random.uniform(-1, 1, shape=SHAPE)]
+    np.testing.assert_allclose(runtimes.load_onnx(a)(*inputs).asnumpy(),
+                               runtimes.load_onnx(b)(*inputs).asnumpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_weight_bits_choose_the_weight_levels(convbnsum, tmp_path):
+    _, qnet, _ = convbnsum
+    for bits, peak in ((8, 127), (7, 63)):
+        model = onnx.load(qnet.export(str(tmp_path / ('w%d' % bits)), format='onnx',
+                                      weight_bits=bits)[0])
+        weights = [v for k, v in _initializers(model).items() if v.dtype == np.int8]
+        assert weights and max(int(np.abs(w).max()) for w in weights) == peak
+    assert onnx_qdq.weight_levels('auto') in (63, 127)
+
+
+# -- bad input ----------------------------------------------------------------------------
+
+def test_an_op_without_a_converter_is_named(tmp_path):
+    _, qnet, _ = _qnet(ErfBlock)
+    with pytest.raises(UnsupportedOpError, match=r"node '[^']*erf[^']*' \(op erf\) has no "
+                                                 r"converter"):
+        qnet.export(str(tmp_path / 'cq'), format='onnx')
+    assert not os.path.exists(str(tmp_path / 'cq.onnx'))
+
+
+def _unmappable(monkeypatch, layer):
+    real = onnx_qdq._Graph.tensor
+
+    def tensor(self, node, index):
+        if node == layer:
+            raise KeyError(node)
+        return real(self, node, index)
+    monkeypatch.setattr(onnx_qdq._Graph, 'tensor', tensor)
+
+
+def test_a_layer_the_onnx_graph_cannot_hold_stays_fp32_or_is_refused(convbnsum, tmp_path,
+                                                                      monkeypatch, caplog):
+    _, qnet, inputs = convbnsum
+    layer = qnet.int8_layers[0]
+    _unmappable(monkeypatch, layer)
+    with caplog.at_level(logging.WARNING, logger='gluon_int8.onnx_qdq'):
+        path = qnet.export(str(tmp_path / 'cq'), format='onnx')[0]
+    assert any(layer in r.getMessage() and 'stays FP32' in r.getMessage()
+               for r in caplog.records)
+    block = runtimes.load_onnx(path)
+    assert 'ONNX export' in block.fp32_layers[layer]
+    assert cosine(block(*inputs), qnet(*inputs)) >= 0.99
+    with pytest.raises(UnsupportedOpError, match=layer):
+        qnet.export(str(tmp_path / 'cq2'), format='onnx', on_unsupported='raise')
+
+
+def _broken_split(path):
+    """An opset-18 Split with neither 'split' nor 'num_outputs': what mx.onnx's converters
+    give under the onnx package's default opset stamp."""
+    from onnx import TensorProto, helper
+    graph = helper.make_graph(
+        [helper.make_node('Relu', ['x'], ['r'], name='relu0'),
+         helper.make_node('Split', ['r'], ['y', 'z'], axis=1, name='my_split')], 'g',
+        [helper.make_tensor_value_info('x', TensorProto.FLOAT, [2, 4])],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in 'yz'])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid('', 18)]), path)
+
+
+def _unknown_op(path):
+    from onnx import TensorProto, helper
+    graph = helper.make_graph(
+        [helper.make_node('Relu', ['x'], ['r'], name='relu0'),
+         helper.make_node('NoSuchOp', ['r'], ['y'], name='my_mystery')], 'g',
+        [helper.make_tensor_value_info('x', TensorProto.FLOAT, [2, 4])],
+        [helper.make_tensor_value_info('y', TensorProto.FLOAT, None)])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid('', 13)]), path)
+
+
+@pytest.mark.parametrize('runtime, make, node', [
+    ('onnxruntime', _broken_split, 'my_split'), ('onnxruntime', _unknown_op, 'my_mystery'),
+    ('openvino', _unknown_op, 'my_mystery')])
+def test_a_model_a_runtime_refuses_names_the_runtime_and_the_node(runtime, make, node,
+                                                                  tmp_path):
+    path = str(tmp_path / 'bad.onnx')
+    make(path)
+    with pytest.raises(runtimes.RuntimeLoadError) as info:
+        runtimes.load_onnx(path, runtime)(np.zeros((2, 4), np.float32))
+    assert info.value.runtime == runtime and info.value.node == node
+    assert str(info.value).startswith("%s cannot load '%s' at node '%s'" % (runtime, path, node))
+
+
+def test_a_file_that_is_not_onnx_is_refused(tmp_path):
+    path = tmp_path / 'junk.onnx'
+    path.write_bytes(b'not a model')
+    with pytest.raises(runtimes.RuntimeLoadError, match='not an ONNX model'):
+        runtimes.load_onnx(str(path))
+    with pytest.raises(ValueError, match='cannot read'):
+        runtimes.load_onnx(str(tmp_path / 'missing.onnx'))
+    with pytest.raises(ValueError, match=r"runtime: got 'tensorrt'; expected one of"):
+        runtimes.load_onnx(str(path), runtime='tensorrt')
+
+
+@pytest.mark.parametrize('options, error, message', [
+    (dict(format='tflite'), ValueError, r"format: got 'tflite'; expected one of \['mxnet', "
+                                        r"'onnx'\]"),
+    (dict(format='onnx', int8_weights=False), TypeError, r"format='onnx' takes the options"),
+    (dict(fp32_reference=True, weight_bits=7), TypeError, r"format='mxnet' takes the options"),
+    (dict(format='onnx', on_unsupported='skip'), ValueError, r"on_unsupported: got 'skip'"),
+    (dict(format='onnx', weight_bits=4), ValueError, r'weight_bits: got 4'),
+    (dict(format='onnx', input_shapes=[(3, 16, 16)] * 2), ValueError, r'input_shapes: got'),
+])
+def test_bad_export_options_are_named(convbnsum, tmp_path, options, error, message):
+    _, qnet, _ = convbnsum
+    with pytest.raises(error, match=message):
+        qnet.export(str(tmp_path / 'cq'), **options)
+
+
+def test_what_a_qdq_model_cannot_be_made_from_is_refused(tmp_path):
+    net, inputs = make_net(ConvBNSum, SHAPE)
+    runtime_ranges = gluon_int8.quantize_net(net, mode='none')
+    with pytest.raises(ValueError, match="mode='none'"):
+        runtime_ranges.export(str(tmp_path / 'a'), format='onnx')
+    _, qnet, _ = _qnet()
+    qnet.export(str(tmp_path / 'b'))  # without its FP32 reference
+    with pytest.raises(ValueError, match='fp32_reference=True'):
+        gluon_int8.load(str(tmp_path / 'b')).export(str(tmp_path / 'c'), format='onnx')
+
+
+def test_a_failed_write_keeps_the_previous_model(convbnsum, tmp_path, monkeypatch):
+    _, qnet, _ = convbnsum
+    path = qnet.export(str(tmp_path / 'cq'), format='onnx')[0]
+    with open(path, 'rb') as f:
+        before = f.read()
+
+    def full_disk(path, payload):
+        raise OSError(28, 'No space left on device')
+    monkeypatch.setattr(store, '_write_verified', full_disk)
+    with pytest.raises(OSError, match=r"cannot write the export .*cq\.onnx.*No space left"):
+        qnet.export(str(tmp_path / 'cq'), format='onnx')
+    with open(path, 'rb') as f:
+        assert f.read() == before
+    assert sorted(os.listdir(str(tmp_path))) == ['.cq.lock', 'cq.onnx']
+
+
+# -- the CLI and evaluation -----------------------------------------------------------------
+
+def test_cli_quantize_format_onnx_then_load_it(tmp_path, capsys):
+    net, _ = make_net(PoolBlock, (2, 3, 16, 16))
+    net.hybridize()
+    data = mx.nd.random.uniform(-1, 1, shape=(16, 3, 16, 16))
+    net(data)
+    net.export(str(tmp_path / 'fp32'))
+    np.save(str(tmp_path / 'calib.npy'), data.asnumpy())
+    out = str(tmp_path / 'cq')
+    assert main(['quantize', '--prefix', str(tmp_path / 'fp32'), '--calib-data',
+                 str(tmp_path / 'calib.npy'), '--batch-size', '8', '--mode', 'naive',
+                 '--format', 'onnx', '--out', out, '--quiet']) == 0
+    assert 'wrote %s.onnx' % out in capsys.readouterr().out
+    from gluon_int8.evaluation import load_model
+    block = load_model(out + '.onnx', runtime='openvino')
+    assert block.runtime == 'openvino'
+    assert cosine(block(data), net(data)) >= 0.99
+    assert main(['quantize', '--prefix', str(tmp_path / 'fp32'), '--calib-data',
+                 str(tmp_path / 'calib.npy'), '--format', 'onnx', '--with-fp32-reference',
+                 '--out', out, '--quiet']) == 2
+    assert '--with-fp32-reference' in capsys.readouterr().err
+
+
+# -- the shipped Fashion-MNIST families, on the bundled slice ---------------------------------
+
+# measured on the slice (calibration: its first 160 images, entropy): the logits of both
+# runtimes within these cosines of MXNet INT8's, top-1 within these points of FP32
+SLICE_MIN_COSINE = 0.998
+SLICE_MAX_DROP = 0.5
+
+
+@pytest.fixture(scope='module')
+def slice_data():
+    return fm.bundled_slice()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('family', list(fm.MODELS))
+def test_family_on_onnx_runtime_and_openvino(family, slice_data, tmp_path):
+    if not os.path.isfile(fm.params_path(family)):
+        pytest.skip('the trained %s parameters are not shipped yet (%s): examples/'
+                    'fashion_mnist/train.py --model %s writes them'
+                    % (family, fm.params_path(family), family))
+    images, labels = slice_data
+    net = fm.get_model(family)
+    qnet = gluon_int8.quantize_net(net, [mx.nd.array(images[i:i + 32])
+                                         for i in range(0, 160, 32)])
+    path = qnet.export(str(tmp_path / family), format='onnx')[0]
+    x = mx.nd.array(images)
+    want = qnet(x)
+    top1 = {'fp32': fm.evaluate(net, images, labels), 'mxnet': fm.evaluate(qnet, images, labels)}
+    for runtime in runtimes.RUNTIMES:
+        block = runtimes.load_onnx(path, runtime)
+        assert cosine(block(x), want) >= SLICE_MIN_COSINE, runtime
+        top1[runtime] = fm.evaluate(block, images, labels)
+    assert abs(top1['onnxruntime'] - top1['openvino']) <= 0.002, top1
+    assert top1['fp32'] - top1['onnxruntime'] <= SLICE_MAX_DROP / 100, top1

@@ -55,6 +55,7 @@ class Options:
     num_bins: int
     self_check: str = 'warn'
     allow_table_mismatch: bool = False
+    bias_correction: bool = False
 
     @property
     def mode_name(self) -> str:
@@ -110,7 +111,7 @@ def validate(mode='entropy', quantized_dtype='auto', granularity='tensor', quant
              exclude_layers=None, exclude_layers_match=None, exclude_operators=None,
              num_calib_batches=None, num_calib_examples=None, percentile=99.99,
              num_bins=DEFAULT_NUM_BINS, self_check='warn',
-             allow_table_mismatch=False) -> Options:
+             allow_table_mismatch=False, bias_correction=False) -> Options:
     """Check every option once; errors name the parameter, the value and what is allowed."""
     if isinstance(percentile, bool) or not isinstance(percentile, (int, float)) \
             or not 0 < percentile <= 100:
@@ -120,9 +121,13 @@ def validate(mode='entropy', quantized_dtype='auto', granularity='tensor', quant
         raise ValueError('num_bins: got %r; expected a power of two >= 256 (1024, 2048, ...): '
                          'the histograms double their range by merging pairs of bins'
                          % (num_bins,))
-    if not isinstance(allow_table_mismatch, bool):
-        raise TypeError('allow_table_mismatch: got %r; expected True or False'
-                        % (allow_table_mismatch,))
+    for param, value in (('allow_table_mismatch', allow_table_mismatch),
+                         ('bias_correction', bias_correction)):
+        if not isinstance(value, bool):
+            raise TypeError('%s: got %r; expected True or False' % (param, value))
+    if bias_correction and mode == 'none':
+        raise ValueError("bias_correction: got True with mode='none'; correcting biases needs "
+                         'calibrated ranges: pass another mode, or bias_correction=False')
     return Options(_mode(mode), _choice('quantized_dtype', quantized_dtype, QUANTIZED_DTYPES),
                    _choice('granularity', granularity, tuple(GRANULARITIES)),
                    _choice('quantize_mode', quantize_mode, QUANTIZE_MODES),
@@ -131,7 +136,8 @@ def validate(mode='entropy', quantized_dtype='auto', granularity='tensor', quant
                    _names('exclude_operators', exclude_operators),
                    _count('num_calib_batches', num_calib_batches),
                    _count('num_calib_examples', num_calib_examples), float(percentile), num_bins,
-                   _choice('self_check', self_check, SELF_CHECKS), allow_table_mismatch)
+                   _choice('self_check', self_check, SELF_CHECKS), allow_table_mismatch,
+                   bias_correction)
 
 
 def quantize_net(block: HybridBlock, calib_data=None, mode='entropy', *,
@@ -140,7 +146,8 @@ def quantize_net(block: HybridBlock, calib_data=None, mode='entropy', *,
                  exclude_operators=None, num_calib_batches: Optional[int] = None,
                  num_calib_examples: Optional[int] = None, percentile: float = 99.99,
                  num_bins: int = DEFAULT_NUM_BINS, calib_table=None, self_check: str = 'warn',
-                 progress: bool = False, allow_table_mismatch: bool = False) -> QuantizedBlock:
+                 progress: bool = False, allow_table_mismatch: bool = False,
+                 bias_correction: bool = False) -> QuantizedBlock:
     """Quantize a Gluon HybridBlock to INT8 and return a drop-in ``QuantizedBlock``.
 
     Parameters
@@ -191,6 +198,11 @@ def quantize_net(block: HybridBlock, calib_data=None, mode='entropy', *,
         Quantize from a ``calib_table`` of another network (other fingerprint: other
         graph or weights), another mode or quantized_dtype, or without a fingerprint,
         with a warning instead of a ``ValueError``.
+    bias_correction : bool
+        Take the mean shift that 8-bit weights and inputs put into each output channel of
+        every INT8 conv and FC, measured on the first calibration batch, out of its bias
+        (:mod:`gluon_int8.biascorr`; NNCF's fast bias correction). Needs calibration data
+        (with a saved ``calib_table``, pass the data too: ``ValueError`` otherwise).
 
     Raises
     ------
@@ -204,8 +216,12 @@ def quantize_net(block: HybridBlock, calib_data=None, mode='entropy', *,
     opts = validate(mode, quantized_dtype, granularity, quantize_mode, exclude_layers,
                     exclude_layers_match, exclude_operators, num_calib_batches,
                     num_calib_examples, percentile, num_bins, self_check,
-                    allow_table_mismatch)
+                    allow_table_mismatch, bias_correction)
     calib_table = check_table_argument(calib_table, calib_data is not None)
+    if opts.bias_correction and calib_data is None:
+        raise ValueError('bias_correction: got True without calib_data; the biases are '
+                         'corrected on the first calibration batch: pass calib_data (with '
+                         'a saved calib_table too, if any), or bias_correction=False')
     batches = _batches(block, calib_data, opts, calib_table)
     first = next(batches) if batches is not None else None
     if first is not None:
@@ -213,14 +229,14 @@ def quantize_net(block: HybridBlock, calib_data=None, mode='entropy', *,
     prepared = prepare(block, first, opts)
     table = _calibration_table(prepared, batches, opts, calib_table, progress,
                                _length(calib_data, opts))
-    return pipeline.convert(prepared, table, first, opts.self_check)
+    return pipeline.convert(prepared, table, first, opts.self_check, opts.bias_correction)
 
 
 def prepare(block: HybridBlock, first, opts: Options) -> Prepared:
     """:func:`gluon_int8.pipeline.prepare` with the options of one call."""
     return pipeline.prepare(block, first, opts.quantized_dtype, opts.quantize_mode,
                             opts.granularity, opts.exclude_layers, opts.exclude_layers_match,
-                            opts.exclude_operators)
+                            opts.exclude_operators, opts.bias_correction)
 
 
 def _batches(block, calib_data, opts: Options, calib_table):

@@ -34,6 +34,7 @@ import sys
 import numpy as np
 
 from .api import MODES, QUANTIZE_MODES, QUANTIZED_DTYPES
+from .pipeline import SELF_CHECKS
 from .datasets import (BAD_IMAGES, CHANNEL_ORDERS, IMAGENET, LAYOUTS, PREPROCESS, ImageSource,
                        Preprocess)
 from .quantize_graph import GRANULARITIES
@@ -170,7 +171,8 @@ def _quantize_options(args):
                    num_calib_batches=args.num_calib_batches, percentile=args.percentile,
                    num_bins=args.num_bins, calib_table=args.calib_table,
                    progress=not args.quiet,
-                   allow_table_mismatch=args.allow_table_mismatch or None)
+                   allow_table_mismatch=args.allow_table_mismatch or None,
+                   self_check=args.self_check, bias_correction=args.bias_correction or None)
     return {k: v for k, v in options.items() if v is not None}
 
 
@@ -370,6 +372,10 @@ def build_parser():
     q.add_argument('--calib-table', help='save the table here (or reuse it without data)')
     q.add_argument('--allow-table-mismatch', action='store_true',
                    help='reuse a --calib-table of another network, mode or dtype (warns)')
+    q.add_argument('--self-check', choices=SELF_CHECKS,
+                   help='warn (default), fallback (defective layers back to FP32), or off')
+    q.add_argument('--bias-correction', action='store_true',
+                   help='correct the mean shift of every INT8 conv/FC in its bias')
     q.add_argument('--out', required=True, help='export prefix of the INT8 model')
     q.add_argument('--quiet', action='store_true', help='no progress bar')
     q.add_argument('--with-fp32-reference', action='store_true',

@@ -33,7 +33,8 @@ from mxnet.gluon import nn
 
 from . import op_table
 from .fuse import fuse
-from .op_table import BIAS_STEPS, CRASH, OK, TOLERANCE_STEPS, WRONG, Entry, Result
+from .op_table import (BIAS_STEPS, CRASH, OK, SIGNED_SLOPE, TOLERANCE_STEPS, WRONG, Entry,
+                       Result)
 from .plan import Rewrites, finalize
 from .quantize_graph import graph_outputs, quantize_offline_params, quantize_symbol
 from .trace import build_symbol_block, trace
@@ -93,6 +94,12 @@ def _relu(F, x):
     return F.Activation(x, act_type='relu')
 
 
+# the activation of a conv pattern's form (op_table.act_form): ReLU, the plan's leaky
+# ReLU, ReLU6 as a clip
+_ACTS = {'': _relu, 's': lambda F, x: F.LeakyReLU(x, act_type='leaky', slope=SIGNED_SLOPE),
+         'clip': lambda F, x: F.clip(x, 0.0, 6.0)}
+
+
 def _pool(kind: str):
     pool_type, global_pool = kind.split(':')[1], kind.endswith(':global')
     return lambda s, F, x: F.flatten(F.Pooling(x, kernel=(3, 3), stride=(2, 2), pad=(1, 1),
@@ -101,10 +108,11 @@ def _pool(kind: str):
 
 # pattern -> (build(num_inputs) -> (block), input shape, INT8 op of the target node)
 def _network(pattern: str, num_inputs: int):
-    base = pattern.split('.')[0]  # .w7, .ch, .wide: the same network
+    base, _, form = pattern.partition('.')  # .w7, .ch, .wide: the same network
+    act = _ACTS.get(form, _relu)
     one = {
         'conv': (lambda s, F, x: F.flatten(s.c(x)), {'c': _conv}, IMAGE, '_sg_mkldnn_conv'),
-        'conv+act': (lambda s, F, x: F.flatten(_relu(F, s.c(x))), {'c': _conv}, IMAGE,
+        'conv+act': (lambda s, F, x: F.flatten(act(F, s.c(x))), {'c': _conv}, IMAGE,
                      '_sg_mkldnn_conv'),
         'fc': (lambda s, F, x: s.d(x), {'d': _dense}, VECTOR, '_sg_mkldnn_fully_connected'),
         'fc+act': (lambda s, F, x: F.flatten(_relu(F, s.d(x))), {'d': _dense}, VECTOR,
@@ -119,7 +127,7 @@ def _network(pattern: str, num_inputs: int):
     two = {
         'conv+sum': (lambda s, F, x, y: F.flatten(s.c(x) + y), {'c': _conv}, IMAGE,
                      '_sg_mkldnn_conv'),
-        'conv+sum+act': (lambda s, F, x, y: F.flatten(_relu(F, s.c(x) + y)), {'c': _conv},
+        'conv+sum+act': (lambda s, F, x, y: F.flatten(act(F, s.c(x) + y)), {'c': _conv},
                          IMAGE, '_sg_mkldnn_conv'),
         'add': (lambda s, F, x, y: F.flatten(x + y), {}, IMAGE,
                 '_contrib_quantized_elemwise_add'),

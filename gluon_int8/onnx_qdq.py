@@ -38,7 +38,7 @@ from typing import Dict, FrozenSet, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .op_table import DEQUANTIZE, PASS_THROUGH, QUANTIZE, REQUANTIZE
+from .op_table import DEQUANTIZE, QUANTIZE, REQUANTIZE
 from .fuse import Unfused
 from .onnx_graph import UnsupportedOpError, onnx_tensor, readers
 from .plan import PREFIX, GraphView, restore_relus, tensor_dtypes
@@ -107,7 +107,7 @@ def plan_qdq(qsym, data_names: Sequence[str], table: CalibrationTable,
             continue
         producer, index, readers_of = found
         unsigned = dtypes[view.output_name(i, 0)] == 'u8' or (producer in relus and index == 0)
-        tensors.append(TensorQuant(producer, index, _threshold(view, i, table), unsigned,
+        tensors.append(TensorQuant(producer, index, view.threshold(i, table.ranges), unsigned,
                                    readers_of))
     int8 = [_fused_name(view.nodes[i]['name']) for i in view.int8_nodes()]
     channel = frozenset(_fused_name(n['name']) for n in view.nodes
@@ -130,27 +130,6 @@ def _tensor(view: GraphView, index: int, consumers) -> Optional[Tuple[str, int, 
     if not node['name'].startswith(PREFIX):
         return None
     return _fused_name(node['name']), 0, None
-
-
-def _threshold(view: GraphView, index: int, table: CalibrationTable) -> float:
-    """max |range| of the tensor node ``index`` emits, as the INT8 graph runs it: the
-    range written into the node, else the largest range of the tensors it carries (pooling,
-    concat), else the table's."""
-    node = view.nodes[index]
-    attrs = node.get('attrs', {})
-    if 'max_calib_range' in attrs and 'min_calib_range' in attrs:
-        return max(abs(float(attrs['min_calib_range'])), abs(float(attrs['max_calib_range'])))
-    if node['op'] in PASS_THROUGH:
-        upstream = [src for src, out, _ in node['inputs']
-                    if out == 0 and view.nodes[src]['op'] != 'null']
-        if upstream:
-            return max(_threshold(view, src, table) for src in upstream)
-    sources = view.sources(index)
-    missing = [s for s in sources if s not in table.ranges]
-    if missing or not sources:
-        raise ValueError('calib_table: no range for %s, which node %r of the INT8 graph '
-                         'carries' % (missing or sources, node['name']))
-    return max(max(abs(lo), abs(hi)) for lo, hi in (table.ranges[s] for s in sources))
 
 
 # -- the ONNX side -------------------------------------------------------------------------

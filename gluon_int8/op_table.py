@@ -85,8 +85,10 @@ def _combos(*choices) -> Iterable[Tuple[str, ...]]:
 DTYPES = ('u8', 's8')
 
 ENTRIES: Tuple[Entry, ...] = tuple(
-    [Entry(p, c) for p in ('conv', 'conv+act') for c in _combos(DTYPES)]
-    + [Entry(p, c) for p in ('conv+sum', 'conv+sum+act') for c in _combos(DTYPES, DTYPES)]
+    [Entry(p, c) for p in ('conv', 'conv+act', 'conv+act.s', 'conv+act.clip')
+     for c in _combos(DTYPES)]
+    + [Entry(p, c) for p in ('conv+sum', 'conv+sum+act', 'conv+sum+act.s')
+       for c in _combos(DTYPES, DTYPES)]
     + [Entry(p, c) for p in ('fc', 'fc+act', 'fc.w7', 'fc+act.w7', 'fc.ch', 'fc+act.ch')
        for c in _combos(DTYPES)]
     + [Entry(p, c) for p in ('pool:max', 'pool:avg', 'pool:max:global', 'pool:avg:global',
@@ -97,6 +99,7 @@ ENTRIES: Tuple[Entry, ...] = tuple(
     + [Entry('layout:' + op, c) for op in ('Reshape', 'SwapAxis', 'transpose', 'SliceChannel',
                                           'expand_dims') for c in _combos(DTYPES)])
 ENTRY_KEYS = frozenset(e.key for e in ENTRIES)
+_PATTERN_NAMES = frozenset(e.pattern for e in ENTRIES)
 
 # Measured columns: ``gluon-int8 op-table --python`` prints one for the CPU it runs on. Keyed by oneDNN's ISA name (see cpu_isa).
 RECORDED: Dict[str, Dict[str, Result]] = {
@@ -106,6 +109,10 @@ RECORDED: Dict[str, Dict[str, Result]] = {
         'conv(s8)': Result('ok', 0.5, 's8'),
         'conv+act(u8)': Result('wrong', 70.21, 'u8'),
         'conv+act(s8)': Result('ok', 0.5, 'u8'),
+        'conv+act.s(u8)': Result('wrong', 23.66, 's8'),
+        'conv+act.s(s8)': Result('ok', 0.5, 's8'),
+        'conv+act.clip(u8)': Result('wrong', 130.18, 'u8'),
+        'conv+act.clip(s8)': Result('wrong', 0.5, 'u8', 'biased: every value -0.28 steps off on average (truncation)'),
         'conv+sum(u8,u8)': Result('wrong', 253.5, 's8'),
         'conv+sum(u8,s8)': Result('wrong', 24.65, 's8'),
         'conv+sum(s8,u8)': Result('wrong', 253.5, 's8'),
@@ -114,6 +121,10 @@ RECORDED: Dict[str, Dict[str, Result]] = {
         'conv+sum+act(u8,s8)': Result('wrong', 128.5, 'u8'),
         'conv+sum+act(s8,u8)': Result('ok', 0.5, 'u8'),
         'conv+sum+act(s8,s8)': Result('wrong', 128.5, 'u8'),
+        'conv+sum+act.s(u8,u8)': Result('wrong', 255.5, 's8'),
+        'conv+sum+act.s(u8,s8)': Result('wrong', 19.94, 's8'),
+        'conv+sum+act.s(s8,u8)': Result('wrong', 255.5, 's8'),
+        'conv+sum+act.s(s8,s8)': Result('ok', 0.5, 's8'),
         'fc(u8)': Result('wrong', 15.52, 'f32'),
         'fc(s8)': Result('wrong', 17.74, 'f32'),
         'fc+act(u8)': Result('wrong', 32.54, 'u8'),
@@ -212,6 +223,29 @@ def _true(attrs: Mapping[str, str], key: str) -> bool:
     return str(attrs.get(key, 'false')).lower() == 'true'
 
 
+# the slope of the leaky ReLU the plan gives a ReLU'd conv so that it emits int8 (see
+# gluon_int8.plan): a negative input x gives SIGNED_SLOPE * x, below half a step of any
+# 8-bit grid whose range is above 2.6e-4 * |x| (MXNet counts it a signed activation)
+SIGNED_SLOPE = 1e-6
+# the activation fused into a conv or FC -> the pattern's suffix: ReLU (uint8 output)
+# none, a leaky ReLU ``.s`` (int8 output), a clip at 0 (ReLU6) ``.clip``
+_ACT_FORMS = {('Activation', 'relu'): '', ('LeakyReLU', 'leaky'): '.s'}
+
+
+def act_form(node: dict) -> Optional[str]:
+    """The suffix of the activation fused into ``node`` (a fused conv or FC): the last
+    one of its subgraph; None for an activation the table never measured."""
+    inner = [n for n in node['subgraphs'][0]['nodes']
+             if n['op'] in ('Activation', 'LeakyReLU', 'clip')]
+    if not inner:
+        return None
+    act = inner[-1]
+    attrs = act.get('attrs', {})
+    if act['op'] == 'clip':
+        return '.clip' if float(attrs.get('a_min', 'nan')) == 0.0 else None
+    return _ACT_FORMS.get((act['op'], attrs.get('act_type')))
+
+
 def pattern_of(node: dict, variant: str = '') -> Optional[str]:
     """The pattern of an INT8 node of a quantized graph (None: not an op the table
     knows). ``variant``: the form the plan gave it ('.w7', '.wide', '.rq'), where that
@@ -220,10 +254,14 @@ def pattern_of(node: dict, variant: str = '') -> Optional[str]:
     if op == '_sg_mkldnn_conv':
         if _true(attrs, 'with_act') and _true(attrs, 'with_sum'):
             return None  # conv+act+sum: MXNet 1.9.1 does not support it
-        return 'conv' + ('+act' if _true(attrs, 'with_act') else '') + \
-            ('+sum' if _true(attrs, 'with_sum') else '') + \
-            ('+act' if _true(attrs, 'with_postsum_act') else '')
+        if not (_true(attrs, 'with_act') or _true(attrs, 'with_postsum_act')):
+            return 'conv' + ('+sum' if _true(attrs, 'with_sum') else '')
+        form = act_form(node)
+        base = 'conv+sum+act' if _true(attrs, 'with_sum') else 'conv+act'
+        return base + form if form is not None and base + form in _PATTERN_NAMES else None
     if op == '_sg_mkldnn_fully_connected':
+        if _true(attrs, 'with_eltwise') and act_form(node) != '':
+            return None  # an FC with another activation than ReLU: never measured
         base = 'fc+act' if _true(attrs, 'with_eltwise') else 'fc'
         return base + ('.ch' if _true(attrs, 'channel_wise_quantize') else variant)
     if op == '_contrib_quantized_pooling':

@@ -19,7 +19,7 @@ from typing import Dict, List, Mapping, Optional, Sequence
 
 import mxnet as mx
 
-from . import selfcheck, weights
+from . import biascorr, selfcheck, weights
 from .block import QuantizedBlock
 from .calibrate import collect_statistics
 from .collectors import Collector, LayerStats
@@ -70,9 +70,12 @@ class Prepared:
 
 def prepare(block, first_batch: Optional[Sequence[mx.nd.NDArray]], quantized_dtype: str,
             quantize_mode: str, granularity: str, exclude_layers=(), exclude_layers_match=(),
-            exclude_operators=()) -> Prepared:
-    """Trace, fuse (guarded), verify the fusion on the first batch, and plan the graph."""
+            exclude_operators=(), bias_correction: bool = False) -> Prepared:
+    """Trace, fuse (guarded), verify the fusion on the first batch, and plan the graph;
+    with ``bias_correction`` every conv and FC has a bias (:func:`biascorr.with_biases`)."""
     traced = trace(block, first_batch)
+    if bias_correction:
+        traced = biascorr.with_biases(traced)
     fused = fuse(traced.symbol)
     nodes = graph_nodes(fused)
     excluded = resolve_exclusions(nodes, exclude_layers, exclude_layers_match,
@@ -125,9 +128,10 @@ def calibrate(prepared: Prepared, batches, collector: Collector, progress: bool 
 
 def convert(prepared: Prepared, table: Optional[CalibrationTable],
             batch: Optional[Sequence[mx.nd.NDArray]] = None,
-            self_check: str = 'warn') -> QuantizedBlock:
+            self_check: str = 'warn', bias_correction: bool = False) -> QuantizedBlock:
     """The INT8 block of a prepared network and its calibration table (None: ranges
-    computed at runtime), checked against FP32 on ``batch`` (see :mod:`selfcheck`).
+    computed at runtime), checked against FP32 on ``batch`` (see :mod:`selfcheck`), its
+    biases corrected on ``batch`` with ``bias_correction`` (see :mod:`biascorr`).
 
     With ``self_check='fallback'`` the first layer (in graph order) the check finds
     defective returns to FP32 and the block is built and checked again, up to
@@ -137,7 +141,7 @@ def convert(prepared: Prepared, table: Optional[CalibrationTable],
     found by bisection and returns to FP32.
     """
     for _ in range(MAX_FALLBACKS):
-        built, problems = _build(prepared, table)
+        built, problems = _build(prepared, table, batch if bias_correction else None)
         if problems:  # the plan missed a case: those layers go FP32, and again
             log.warning('INT8 layers that the op table does not call correct with their '
                         'calibrated dtypes stay FP32: %s', problems)
@@ -202,9 +206,11 @@ def _crashing_layer(prepared: Prepared, table, batch, qnet: QuantizedBlock) -> s
     return layers[good]
 
 
-def _build(prepared: Prepared, table: Optional[CalibrationTable]):
+def _build(prepared: Prepared, table: Optional[CalibrationTable],
+           correct_on: Optional[Sequence[mx.nd.NDArray]] = None):
     """((block, INT8 graph, its values), {}), or (None, problems): the INT8 layers that
-    break the op table once the ranges are set."""
+    break the op table once the ranges are set. ``correct_on``: the batch the biases are
+    corrected on (None: not corrected)."""
     plan, traced = prepared.plan, prepared.traced
     ranges = {}
     if table is not None:  # None: ranges computed at runtime (mode='none')
@@ -215,6 +221,11 @@ def _build(prepared: Prepared, table: Optional[CalibrationTable]):
     if problems:
         return None, problems
     values = quantize_offline_params(qsym, traced.arg_params, plan.rewrites.seven_bit)
+    if correct_on is not None and table is not None:
+        found = biascorr.shifts(qsym, plan.fused, prepared.params, values,
+                                traced.data_names, correct_on, table.ranges)
+        values = quantize_offline_params(qsym, biascorr.corrected(traced.arg_params, found),
+                                         plan.rewrites.seven_bit)
     int8_names = weights.int8_weight_names(qsym, values)
     values, int8_store = weights.round_weights(values, int8_names)
     layers = summarize(graph_nodes(plan.fused), qsym, plan.reasons, plan.notes,

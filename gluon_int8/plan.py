@@ -44,7 +44,7 @@ from .quantize_graph import graph_outputs, quantize_symbol, set_calib_table
 log = logging.getLogger(__name__)
 
 from .op_table import (CONVERSIONS, DEQUANTIZE, LAYOUT_OPS, PASS_THROUGH, QUANTIZE, REQUANTIZE,
-                       _true)
+                       SIGNED_SLOPE, _true)
 
 _DTYPES = {np.dtype(np.int8): 's8', np.dtype(np.uint8): 'u8', np.dtype(np.int32): 's32'}
 AUTO = 'auto'
@@ -84,7 +84,7 @@ class Plan:
 
 # -- reading a quantized graph ---------------------------------------------------------
 
-class _View:
+class GraphView:
     """A graph as JSON, with the name of every node output (as calibration names it)."""
 
     def __init__(self, symbol: mx.sym.Symbol):
@@ -141,6 +141,26 @@ class _View:
         name = node['name']
         return ((name[len(PREFIX):] if name.startswith(PREFIX) else name) + '_output',)
 
+    def threshold(self, index: int, ranges: Mapping[str, Tuple[float, float]]) -> float:
+        """max |range| of the 8-bit tensor node ``index`` emits, as the graph runs it: the
+        range written into the node, else the largest of the tensors it carries
+        (pooling, concat, a layout op), else that of ``ranges`` (a calibration table's)."""
+        node = self.nodes[index]
+        attrs = node.get('attrs', {})
+        if 'max_calib_range' in attrs and 'min_calib_range' in attrs:
+            return max(abs(float(attrs['min_calib_range'])), abs(float(attrs['max_calib_range'])))
+        if node['op'] in PASS_THROUGH or node['op'] in LAYOUT_OPS:
+            upstream = [src for src, out, _ in node['inputs']
+                        if out == 0 and self.nodes[src]['op'] != 'null']
+            if upstream:
+                return max(self.threshold(src, ranges) for src in upstream)
+        sources = self.sources(index)
+        missing = [s for s in sources if s not in ranges]
+        if missing or not sources:
+            raise ValueError('calib_table: no range for %s, which node %r of the INT8 graph '
+                             'carries' % (missing or sources, node['name']))
+        return max(max(abs(lo), abs(hi)) for lo, hi in (ranges[s] for s in sources))
+
     def quantizers(self, index: int) -> Tuple[str, ...]:
         """The quantize (and requantize) nodes with out_type 'auto' whose dtype node
         ``index``'s output follows."""
@@ -156,15 +176,11 @@ class _View:
         return tuple(dict.fromkeys(found))
 
 
-def _dtypes(symbol: mx.sym.Symbol, data_names: Sequence[str]) -> Dict[str, str]:
+def tensor_dtypes(symbol: mx.sym.Symbol, data_names: Sequence[str]) -> Dict[str, str]:
     internals = symbol.get_internals()
     _, types, _ = internals.infer_type_partial(**{n: 'float32' for n in data_names})
     return {name: _DTYPES.get(np.dtype(t), np.dtype(t).name) if t is not None else '?'
             for name, t in zip(internals.list_outputs(), types)}
-
-
-# how the ONNX exporter (gluon_int8.onnx_qdq) reads the INT8 graph that runs, too
-GraphView, tensor_dtypes = _View, _dtypes
 
 
 def pattern_of(node: dict, weight: Optional[str], rewrites: 'Rewrites') -> Optional[str]:
@@ -200,7 +216,7 @@ def finalize(qsym: mx.sym.Symbol, ranges: Mapping[str, Tuple[float, float]],
             cache[key] = calibrated
     if not (rewrites.drops or rewrites.converts or rewrites.requantize or rewrites.layout):
         return calibrated
-    graph = _with_converts(_View(calibrated), rewrites.converts, ranges) \
+    graph = _with_converts(GraphView(calibrated), rewrites.converts, ranges) \
         if rewrites.converts else json.loads(calibrated.tojson())
     graph = _without(graph, rewrites.drops)
     graph = _requantize_apart(graph, rewrites.requantize, rewrites.pins)
@@ -244,7 +260,7 @@ def _without(graph: dict, drops: FrozenSet[str]) -> dict:
                     lambda n: [through(e) for e in links[id(n) if n is not None else None]])
 
 
-def _with_converts(view: _View, edges: FrozenSet[Tuple[str, str]],
+def _with_converts(view: GraphView, edges: FrozenSet[Tuple[str, str]],
                    ranges: Mapping[str, Tuple[float, float]]) -> dict:
     """Insert dequantize -> int8 quantize between each (consumer, producer) pair."""
     graph, nodes = view.graph, view.nodes
@@ -374,6 +390,8 @@ def split_postsum_act(fused: mx.sym.Symbol, name: str) -> mx.sym.Symbol:
     sub.pop('node_row_ptr', None)
     node['attrs'] = {k: v for k, v in node['attrs'].items() if k != 'with_postsum_act'}
     standalone = {'op': act['op'], 'name': act['name'], 'attrs': act.get('attrs', {})}
+    if _signed_act(act):  # a ReLU the plan made leaky: standalone, the INT8 ReLU emits
+        standalone.update(op='Activation', attrs={'act_type': 'relu'})  # int8 anyway
     for key, entries in links.items():
         links[key] = [(standalone, 0, v) if src is node else (src, o, v) for src, o, v in entries]
     links[id(standalone)] = [(node, 0, 0)]
@@ -416,8 +434,8 @@ def analyse(qsym: mx.sym.Symbol, calib_layers: Sequence[str], data_names: Sequen
                         fused_cache, 'unsigned')
     signed = finalize(qsym, {n: (-1.0, 1.0) for n in calib_layers}, rewrites,
                       fused_cache, 'signed')
-    dtype_u, dtype_s = _dtypes(unsigned, data_names), _dtypes(signed, data_names)
-    view = _View(unsigned)
+    dtype_u, dtype_s = tensor_dtypes(unsigned, data_names), tensor_dtypes(signed, data_names)
+    view = GraphView(unsigned)
     found = []
     for index in view.int8_nodes():
         node = view.nodes[index]
@@ -433,7 +451,7 @@ def analyse(qsym: mx.sym.Symbol, calib_layers: Sequence[str], data_names: Sequen
     return found + _layout_candidates(view, dtype_u, dtype_s, rewrites)
 
 
-def _layout_candidates(view: _View, dtype_u, dtype_s, rewrites: Rewrites) -> List[_Node]:
+def _layout_candidates(view: GraphView, dtype_u, dtype_s, rewrites: Rewrites) -> List[_Node]:
     """FP32 layout nodes that read a dequantized INT8 tensor (or the int8 output of a
     layout node already rewritten): they could run on the int8 tensor."""
     found = []
@@ -572,6 +590,10 @@ def _decide(node: _Node, decision: _Decision, signable: FrozenSet[str] = frozens
     if remedies is not None:
         _apply(node, remedies, decision)
         return
+    if node.fp32 in signable and _remedies(pattern + '.s', dtypes) is not None:
+        decision.signed.append(node.fp32)  # its own ReLU made leaky: an int8 output
+        decision.note(node, 'emits int8 (leaky ReLU, slope %g)' % SIGNED_SLOPE)
+        return
     if pattern == 'conv+sum+act' and dtypes[1] != 'u8':
         decision.split.append(node.fp32)
         decision.note(node, 'the ReLU after the sum runs as its own op')
@@ -614,15 +636,11 @@ def plan_graph(fused: mx.sym.Symbol, excluded: Mapping[str, str], offline_params
         reasons.update(decision.fp32)
         for name in decision.split:
             fused = split_postsum_act(fused, name)
-        for name in dict.fromkeys(decision.signed):
-            fused = signed_relu(fused, name)
+        signable = _signable(fused)  # a conv split this round has no ReLU to sign
+        fused = signed_relu(fused, [n for n in decision.signed if n in signable])
     raise RuntimeError('plan: no stable plan after %d rounds' % MAX_ROUNDS)
 
 
-# the slope of the leaky ReLU that makes a ReLU'd conv emit int8: a negative input x
-# gives SIGNED_SLOPE * x, below half a step of any 8-bit grid whose range is above
-# 2.6e-4 * |x| (MXNet counts a ReLU with a non-zero slope as signed)
-SIGNED_SLOPE = 1e-6
 
 
 def _relu_of(node: dict) -> Optional[dict]:
@@ -647,18 +665,29 @@ def _signable(fused: mx.sym.Symbol) -> FrozenSet[str]:
                      if _relu_of(n) is not None)
 
 
-def signed_relu(fused: mx.sym.Symbol, name: str) -> mx.sym.Symbol:
-    """``fused`` with the ReLU of conv node ``name`` made a leaky ReLU of slope
+def signed_relu(fused: mx.sym.Symbol, names: Sequence[str]) -> mx.sym.Symbol:
+    """``fused`` with the ReLU of each conv node in ``names`` made a leaky ReLU of slope
     :data:`SIGNED_SLOPE`: the same function to well below one 8-bit step, and the INT8
     conv emits int8 instead of uint8."""
+    wanted = set(names)
+    if not wanted:
+        return fused
     graph = json.loads(fused.tojson())
-    node = next(n for n in graph['nodes'] if n['name'] == name)
-    relu = _relu_of(node)
-    relu['op'] = 'LeakyReLU'
-    relu['attrs'] = {'act_type': 'leaky', 'slope': repr(SIGNED_SLOPE)}
-    log.info('%s: its ReLU becomes a leaky ReLU of slope %g, so that it emits int8', name,
-             SIGNED_SLOPE)
+    for node in graph['nodes']:
+        if node['name'] in wanted:
+            relu = _relu_of(node)
+            relu['op'] = 'LeakyReLU'
+            relu['attrs'] = {'act_type': 'leaky', 'slope': repr(SIGNED_SLOPE)}
+    log.info('%s: ReLU made a leaky ReLU of slope %g, so that the conv emits int8',
+             ', '.join(sorted(wanted)), SIGNED_SLOPE)
     return mx.sym.load_json(json.dumps(graph))
+
+
+def _signed_act(inner: dict) -> bool:
+    """Whether an inner node is a ReLU that :func:`signed_relu` made leaky."""
+    attrs = inner.get('attrs', {})
+    return inner['op'] == 'LeakyReLU' and attrs.get('act_type') == 'leaky' and \
+        float(attrs.get('slope', 'nan')) == SIGNED_SLOPE
 
 
 def restore_relus(fused: mx.sym.Symbol) -> Tuple[mx.sym.Symbol, FrozenSet[str]]:
@@ -668,9 +697,7 @@ def restore_relus(fused: mx.sym.Symbol) -> Tuple[mx.sym.Symbol, FrozenSet[str]]:
     graph, restored = json.loads(fused.tojson()), set()
     for node in graph['nodes']:
         for inner in node.get('subgraphs', [{}])[0].get('nodes', []):
-            attrs = inner.get('attrs', {})
-            if inner['op'] == 'LeakyReLU' and attrs.get('act_type') == 'leaky' and \
-                    float(attrs.get('slope', 'nan')) == SIGNED_SLOPE:
+            if _signed_act(inner):
                 inner['op'], inner['attrs'] = 'Activation', {'act_type': 'relu'}
                 restored.add(node['name'])
     if not restored:
@@ -691,9 +718,19 @@ def _settle(qsym, layers, data_names, signable: FrozenSet[str]) -> Tuple[Rewrite
     for _ in range(MAX_ROUNDS):
         decision = _Decision()
         for node in analyse(qsym, layers, data_names, rewrites, fused_cache):
-            _decide(node, decision, signable)
-            if decision.changes_graph:  # decide the rest on the new graph
-                break
+            if not decision.changes_graph:
+                _decide(node, decision, signable)
+                continue
+            # the graph changes this round. More changes of one conv (signed, split)
+            # are collected: neither turns another node's int8 input into uint8. A
+            # layer kept FP32 for want of a correct kernel is decided on the changed
+            # graph, where its inputs may differ.
+            probe = _Decision()
+            _decide(node, probe, signable)
+            if not probe.fp32 and probe.changes_graph:
+                decision.signed.extend(probe.signed)
+                decision.split.extend(probe.split)
+                _merge_notes(decision.notes, probe.notes)
         _merge_notes(notes, decision.notes)
         merged = rewrites.merge(decision.rewrites)
         if decision.changes_graph or merged == rewrites:
@@ -707,7 +744,7 @@ def _unsigned(qsym, layers, data_names, rewrites: Rewrites) -> FrozenSet[str]:
     """The calibrated tensors that are uint8 even with signed ranges (a conv with a fused
     ReLU emits uint8 whatever its range says)."""
     signed = finalize(qsym, {n: (-1.0, 1.0) for n in layers}, rewrites)
-    dtypes, view = _dtypes(signed, data_names), _View(signed)
+    dtypes, view = tensor_dtypes(signed, data_names), GraphView(signed)
     found = set()
     for index in view.int8_nodes():
         if dtypes.get(view.output_name(index, 0)) == 'u8':
@@ -719,7 +756,7 @@ def check_calibrated(qsym: mx.sym.Symbol, data_names: Sequence[str],
                      rewrites: Rewrites) -> Dict[str, str]:
     """After calibration: fused node -> why, for every INT8 node of the graph that runs
     whose input dtypes the op table does not call ok (empty when the plan held)."""
-    view, dtypes = _View(qsym), _dtypes(qsym, data_names)
+    view, dtypes = GraphView(qsym), tensor_dtypes(qsym, data_names)
     problems = {}
     for index in view.int8_nodes() + [i for i, n in enumerate(view.nodes)
                                        if n['name'] in rewrites.layout]:

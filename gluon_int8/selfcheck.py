@@ -28,7 +28,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 import mxnet as mx
 import numpy as np
 
-from .plan import PREFIX, Rewrites, _dtypes, _View, pattern_of
+from .plan import PREFIX, Rewrites, tensor_dtypes, GraphView, pattern_of
 
 log = logging.getLogger(__name__)
 
@@ -187,8 +187,8 @@ def check(qsym: mx.sym.Symbol, values: Mapping[str, mx.nd.NDArray],
           batch: Sequence[mx.nd.NDArray], rewrites: Rewrites,
           examples: int = EXAMPLES) -> List[NodeCheck]:
     """One :class:`NodeCheck` per INT8 node of ``qsym`` (see the module docstring)."""
-    view = _View(qsym)
-    dtypes = _dtypes(qsym, data_names)
+    view = GraphView(qsym)
+    dtypes = tensor_dtypes(qsym, data_names)
     jobs = _jobs(view, dtypes, fused, data_names)
     if not jobs:
         return []
@@ -201,7 +201,7 @@ def check(qsym: mx.sym.Symbol, values: Mapping[str, mx.nd.NDArray],
     return results
 
 
-def _jobs(view: _View, dtypes, fused: mx.sym.Symbol, data_names) -> List[_Job]:
+def _jobs(view: GraphView, dtypes, fused: mx.sym.Symbol, data_names) -> List[_Job]:
     fp32_graph = json.loads(fused.tojson())
     fp32_nodes = {n['name']: n for n in fp32_graph['nodes']}
     jobs = []
@@ -280,7 +280,7 @@ def _grids(job: _Job, dtypes_in: Sequence[str]) -> List[bool]:
         else [False]
 
 
-def _compare(jobs: List[_Job], view: _View, dtypes, observed, params, values,
+def _compare(jobs: List[_Job], view: GraphView, dtypes, observed, params, values,
              rewrites: Rewrites) -> List[NodeCheck]:
     """Run the oracles of ``jobs`` (every weight grid) in one bind; compare."""
     symbols, args, inputs, keys = [], {}, {}, []

@@ -58,7 +58,7 @@ DEFAULT_GRANULARITIES = ('tensor', 'channel')
 # options of quantize_net that tune passes through (mode/granularity are searched)
 PASSED_OPTIONS = ('quantized_dtype', 'quantize_mode', 'exclude_layers', 'exclude_layers_match',
                   'exclude_operators', 'num_calib_batches', 'num_calib_examples', 'percentile',
-                  'num_bins', 'self_check')
+                  'num_bins', 'self_check', 'bias_correction')
 _HEADER = '%3s  %-8s %-10s %-7s %4s  %10s %9s %6s  %s'
 
 
@@ -304,8 +304,9 @@ class _Builder:
                                  quantize_node_inputs(prepared.plan.qsym), prepared.data_names,
                                  prepared.traced.fingerprint(), tensor_names(prepared.plan.fused))
         check = final or self.opts.self_check == 'fallback'
-        return pipeline.convert(prepared, table, self.batches[0] if check else None,
-                                self.opts.self_check)
+        return pipeline.convert(prepared, table, self.batches[0],
+                                self.opts.self_check if check else 'off',
+                                self.opts.bias_correction)
 
     def output_sqnr(self, block: QuantizedBlock) -> float:
         """SQNR (dB) of ``block``'s outputs against the FP32 outputs on the kept slice."""

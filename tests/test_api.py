@@ -134,7 +134,13 @@ def test_quantized_dtype_sets_the_quantize_nodes(pool_net, dtype):
     qnet = gluon_int8.quantize_net(net, data[:32], quantized_dtype=dtype)
     quantize_nodes = [attrs for op, _, attrs in node_ops(qnet._cached_graph[1])
                       if op == '_contrib_quantize_v2']
-    assert quantize_nodes and all(a['out_type'] == dtype for a in quantize_nodes)
+    # the input's quantize node comes first: the requested dtype, unless the op table
+    # has its reader take int8 ('auto' pinned); the rest are u8 -> s8 conversions
+    notes = ' '.join(r.note for r in qnet.layers)
+    pinned = dtype == 'auto' and 'input quantized as int8' in notes
+    assert quantize_nodes[0]['out_type'] == ('int8' if pinned else dtype)
+    assert len(quantize_nodes) == 1 + notes.count('uint8 input converted to int8')
+    assert all(a['out_type'] == 'int8' for a in quantize_nodes[1:])
     # uint8 clips the negative input pixels at the data quantize node, by request
     assert cosine(qnet(data), net(data)) > (0.9 if dtype == 'uint8' else 0.99)
     # ReLU outputs keep a non-negative range whatever the dtype (fused convs emit uint8)

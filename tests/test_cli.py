@@ -243,3 +243,19 @@ def test_info_on_a_sidecar_without_data_names(files, capsys):
 def test_a_missing_subcommand_argument_is_one_line_too(capsys):
     _one_line_error(['info'], capsys, 'gluon-int8 info: error: the following arguments are '
                                       'required: prefix')
+
+
+def test_quantize_passes_self_check_and_bias_correction(tmp_path, monkeypatch):
+    net, _ = make_net(PoolBlock, (2, 3, 16, 16))
+    net.hybridize()
+    data = mx.nd.random.uniform(-1, 1, shape=(8, 3, 16, 16))
+    net(data)
+    net.export(str(tmp_path / 'fp32'))
+    np.save(str(tmp_path / 'calib.npy'), data.asnumpy())
+    seen, real = {}, gluon_int8.quantize_net
+    monkeypatch.setattr(gluon_int8, 'quantize_net',
+                        lambda *a, **kw: seen.update(kw) or real(*a, **kw))
+    assert main(['quantize', '--prefix', str(tmp_path / 'fp32'), '--calib-data',
+                 str(tmp_path / 'calib.npy'), '--batch-size', '8', '--self-check', 'fallback',
+                 '--bias-correction', '--out', str(tmp_path / 'cq'), '--quiet']) == 0
+    assert seen['self_check'] == 'fallback' and seen['bias_correction'] is True

@@ -21,6 +21,7 @@ SLICE_ACCURACY_FLOOR = {
     "inception": 0.921,
     "preact_resnet": 0.922,
     "shufflenet": 0.919,
+    "mobilenetv3": 0.907,
 }
 
 

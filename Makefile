@@ -6,6 +6,7 @@ PY := .venv/bin/python
 PEERS_PY := .venv-peers/bin/python
 PEER_MODELS ?= resnet50_v1,resnet101_v1,mobilenet1.0,inceptionv3,ssd_300_vgg16_atrous_voc
 PEER_ARGS ?=
+ACCURACY_ARGS ?=
 THREADS ?= 2
 export OMP_NUM_THREADS := $(THREADS)
 
@@ -27,8 +28,10 @@ test: .venv/.installed
 bench-calibration: .venv/.installed
 	$(PY) benchmarks/calibration.py --repeat 3
 
-bench-accuracy: .venv/.installed
-	$(PY) benchmarks/accuracy.py
+# every family x engine, with the ONNX peers (ORT quantize_static, NNCF), which run in
+# .venv-peers; ACCURACY_ARGS=--engines=gluon-int8,mxnet-builtin leaves them out
+bench-accuracy: .venv/.installed .venv-peers/.installed
+	$(PY) benchmarks/accuracy.py $(ACCURACY_ARGS)
 
 # MXNet rows with the engine/thread settings of gluon_int8.bench.RECOMMENDED_ENV
 bench-seed: .venv/.installed

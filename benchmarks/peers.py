@@ -8,7 +8,8 @@ outputs. Per model, four engines:
   ort_fp32   ONNX Runtime, CPU provider, graph optimizations on
   ort_int8   onnxruntime.quantization: quant_pre_process (shape inference, Conv+BN folding),
              then quantize_static, QDQ format, U8 activations, S8 weights, MinMax
-             calibration over the calibration batches (S8 activations are ~3x slower here);
+             calibration over the calibration batches on the fixed thread count (S8
+             activations are ~3x slower here);
              detectors keep the nodes after the last Conv (decoding, NMS) FP32
   ov_fp32    OpenVINO on the model read from the ONNX file, INFERENCE_PRECISION_HINT=f32
              (without it OpenVINO silently runs bf16 on this AVX512-BF16 CPU)
@@ -41,6 +42,7 @@ import json
 import os
 import statistics
 import sys
+import tempfile
 import time
 import traceback
 import warnings
@@ -171,28 +173,69 @@ def post_processing_nodes(path):
     return [n.name for n in graph.node if n.op_type != 'Conv' and id(n) not in feeds_conv]
 
 
-def ort_int8(entry, work_dir, calib):
-    """quant_pre_process + quantize_static (QDQ, U8 activations, S8 weights).
+ORT_METHODS = ('minmax', 'entropy')
+
+
+def ort_ranges(model_path, batches, input_name, method, threads, work_dir, calib_options=None):
+    """onnxruntime.quantization's calibrator (``method``, a CalibrationMethod) over
+    ``batches``: the TensorsData that
+    quantize_static would compute itself, but with two settings it does not pass on.
+
+    ``calib_options`` reach the calibrator whole (quantize_static forwards only
+    symmetric / moving-average / percentile keys, never the entropy method's 'num_bins' /
+    'num_quantized_bins', so its entropy runs with 128 / 128 bins: a single candidate
+    threshold, MinMax's); its session runs with ``threads`` intra-op threads (the one
+    create_calibrator makes takes ORT's default count).
+    """
+    import onnxruntime as ort
+    from onnxruntime.quantization.calibrate import create_calibrator
+    from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
+
+    op_types = sorted(set(QLinearOpsRegistry) | set(QDQRegistry))  # quantize_static's default
+    with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
+        calibrator = create_calibrator(model_path, op_types,
+                                       augmented_model_path=os.path.join(tmp, 'augmented.onnx'),
+                                       calibrate_method=method,
+                                       extra_options=dict(calib_options or {}))
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        calibrator.infer_session = ort.InferenceSession(
+            calibrator.augmented_model_path, options, providers=['CPUExecutionProvider'])
+        calibrator.collect_data(BatchReader(input_name, batches))
+        return calibrator.compute_data()
+
+
+class BatchReader:
+    """The calibration batches as an ORT CalibrationDataReader: one feed dict each."""
+
+    def __init__(self, input_name, batches):
+        self._it = iter([{input_name: b} for b in batches])
+
+    def get_next(self):
+        return next(self._it, None)
+
+
+def ort_int8(entry, work_dir, calib, threads, method='minmax', per_channel=False,
+             calib_options=None, tag='ort_int8'):
+    """quant_pre_process + quantize_static (QDQ, U8 activations, S8 weights), calibrated
+    by :func:`ort_ranges` with ``method`` ('minmax' or 'entropy') on ``threads`` threads.
 
     Returns the quantized model's path and notes on fallbacks taken.
     """
-    from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType,
-                                          quantize_static)
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.calibrate import save_tensors_data
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    class Batches(CalibrationDataReader):
-        """The saved calibration batches, one feed dict each."""
-        def __init__(self):
-            self._it = iter([{entry['input_name']: b} for b in calib])
-
-        def get_next(self):
-            return next(self._it, None)
-
+    if method not in ORT_METHODS:
+        raise ValueError('method: got %r; expected one of %s' % (method, ORT_METHODS))
+    method = {'minmax': CalibrationMethod.MinMax, 'entropy': CalibrationMethod.Entropy}[method]
     work_dir = os.path.abspath(work_dir)
     stem = os.path.join(work_dir, entry['name'])
     source = os.path.abspath(entry['path'])
     pre = stem + '.ort_pre.onnx'
-    out = stem + '.ort_int8.onnx'
+    out = '%s.%s.onnx' % (stem, tag)
     try:
         # on failure, symbolic shape inference dumps sym_shape_infer_temp.onnx into the cwd
         with contextlib.chdir(work_dir):
@@ -211,9 +254,14 @@ def ort_int8(entry, work_dir, calib):
         notes.append('detection: the %d nodes after the last Conv (box decoding, softmax, '
                      'NMS) kept FP32 via nodes_to_exclude, as gluon-int8 does with '
                      "quantize_mode='smart'; quantized, they lose every detection" % len(exclude))
-    quantize_static(pre, out, Batches(), quant_format=QuantFormat.QDQ,
+    # quantize_static reads the ranges from this cache instead of calibrating again
+    cache = '%s.%s.calib.json' % (stem, tag)
+    save_tensors_data(ort_ranges(pre, calib, entry['input_name'], method, threads, work_dir,
+                                 calib_options), cache)
+    quantize_static(pre, out, None, quant_format=QuantFormat.QDQ,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                    nodes_to_exclude=exclude)
+                    per_channel=per_channel, nodes_to_exclude=exclude, calibrate_method=method,
+                    calibration_cache_path=cache)
     return out, notes
 
 
@@ -267,7 +315,7 @@ def run_engine(engine, entry, calib, check, threads, batch, args, core):
     if engine.startswith('ort'):
         path = entry['path']
         if engine == 'ort_int8':
-            path, result['notes'] = ort_int8(entry, args.work, calib)
+            path, result['notes'] = ort_int8(entry, args.work, calib, threads)
             result['calib_seconds'] = time.perf_counter() - start
         build_start = time.perf_counter()
         run = ort_session(path, threads)

@@ -14,6 +14,10 @@ layer table and calibration table describe. This module turns it into ONNX:
 * :func:`fold_batchnorm` folds a BatchNormalization into the Conv before it, as MXNet's
   fused conv does before it quantizes the weights.
 
+:func:`fp32_model` is the three in a row, for any unfused FP32 symbol: the QDQ export's
+starting point, and the FP32 model that ``benchmarks/accuracy.py`` hands the peer
+quantizers (ONNX Runtime, NNCF), so that every engine quantizes the same graph.
+
 An op that MXNet's converter does not know raises :class:`UnsupportedOpError` naming it.
 """
 import json
@@ -93,6 +97,19 @@ def to_onnx(symbol: mx.sym.Symbol, params: Mapping[str, mx.nd.NDArray],
     weights_as_initializers(model)
     _order_outputs(model, symbol)
     return model
+
+
+def fp32_model(symbol: mx.sym.Symbol, params: Mapping[str, mx.nd.NDArray],
+               data_shapes: Mapping[str, tuple]):
+    """The FP32 ONNX model of an unfused FP32 ``symbol`` (a traced network, or the
+    unfused graph of a fused one), with its BatchNorms folded into their convs, and how
+    many were folded. ``params`` may hold more values than the symbol reads; ``data_shapes``
+    maps each network input to a shape (its batch size is not kept: the batch axis is
+    dynamic)."""
+    symbol = explicit_reshapes(symbol, data_shapes)
+    needed = set(symbol.list_inputs()) - set(data_shapes)
+    model = to_onnx(symbol, {k: v for k, v in params.items() if k in needed}, data_shapes)
+    return model, fold_batchnorm(model)
 
 
 def _check_convertible(symbol: mx.sym.Symbol) -> None:

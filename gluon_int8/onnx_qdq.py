@@ -438,11 +438,7 @@ def export_model(block, input_shapes: Mapping[str, tuple], on_unsupported: str =
     values.update(block.fp32_graph.params)
     fused, relus = restore_relus(block.fp32_graph.symbol)
     unfused = fuse.unfuse(fused)
-    symbol = onnx_graph.explicit_reshapes(unfused.symbol, input_shapes)
-    needed = set(symbol.list_inputs()) - set(data_names)
-    model = onnx_graph.to_onnx(symbol, {k: v for k, v in values.items() if k in needed},
-                               input_shapes)
-    folded = onnx_graph.fold_batchnorm(model)
+    model, folded = onnx_graph.fp32_model(unfused.symbol, values, input_shapes)
     plan = plan_qdq(mxnet_private.cached_graph(block)[1], data_names, block.calib_table,
                     relus)
     layers = to_qdq(model, unfused, plan, data_names, block.layers, on_unsupported,

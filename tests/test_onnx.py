@@ -119,16 +119,18 @@ def test_tensor_names_of_a_fused_conv_is_its_subgraph_head():
 
 
 @pytest.mark.parametrize('cls', BLOCKS + [DenseBlock])
-def test_fp32_onnx_graph_computes_the_network(cls):
+@pytest.mark.parametrize('graph', ['unfused', 'traced'])
+def test_fp32_onnx_graph_computes_the_network(cls, graph):
+    """'unfused': the QDQ export's starting point; 'traced': the plain FP32 network, the
+    model benchmarks/accuracy.py hands the peer quantizers."""
     import onnxruntime as ort
     shape = (8, 20) if cls is DenseBlock else SHAPE
     net, inputs = make_net(cls, shape)
     traced = trace(net, inputs)
-    unfused = unfuse(fuse(traced.symbol))
+    symbol = unfuse(fuse(traced.symbol)).symbol if graph == 'unfused' else traced.symbol
     data_shapes = {traced.data_names[0]: (1,) + shape[1:]}
-    symbol = onnx_graph.explicit_reshapes(unfused.symbol, data_shapes)
-    model = onnx_graph.to_onnx(symbol, {**traced.arg_params, **traced.aux_params}, data_shapes)
-    onnx_graph.fold_batchnorm(model)
+    model, _ = onnx_graph.fp32_model(symbol, {**traced.arg_params, **traced.aux_params},
+                                     data_shapes)
     onnx.checker.check_model(model)
     assert [o.version for o in model.opset_import] == [onnx_graph.OPSET]
     assert not {i.name for i in model.graph.input} & {i.name for i in model.graph.initializer}

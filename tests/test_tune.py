@@ -83,8 +83,10 @@ def test_tune_returns_the_outlier_layer_and_its_consumer_to_fp32(case, monkeypat
     assert len(result.trials) == 9  # the top-ranked unit was enough
     b, c = result.ranking[0]['unit']  # b (the outlier producer) and c (its consumer)
     assert result.ranking[0]['layer'] == b
-    assert result.block.fp32_layers == {b: 'tuning: rank 1',
-                                        c: 'tuning: rank 1 (unit of %s)' % b}
+    tuned = {k: v for k, v in result.block.fp32_layers.items() if v.startswith('tuning')}
+    assert tuned == {b: 'tuning: rank 1', c: 'tuning: rank 1 (unit of %s)' % b}
+    measured = set(result.block.fp32_layers) - set(tuned)  # kernels wrong on this CPU
+    assert all('computes wrong values' in result.block.fp32_layers[k] for k in measured)
     assert eval_fn(result.block) == pytest.approx(result.best_metric, abs=1e-6)
     assert result.ranking[0]['output_sqnr_db'] > result.ranking[1]['output_sqnr_db'] + 20
     assert 'fallback' in result.table() and result.to_dict()['best_trial'] == 9

@@ -28,7 +28,8 @@ import numpy as np
 
 from .op_table import cpu_isa
 from .plan import PREFIX, GraphView, tensor_dtypes
-from .selfcheck import _fold_conv, _oracle_params, _rounded, _run
+from .observe import run_outputs
+from .selfcheck import _fold_conv, _oracle_params, _rounded
 from .trace import TracedGraph
 
 log = logging.getLogger(__name__)
@@ -116,7 +117,7 @@ def shifts(qsym: mx.sym.Symbol, fused: mx.sym.Symbol, params: Mapping[str, mx.nd
     internals = fused.get_internals()
     for chunk in _chunks(layers, internals, data_names, batch):
         wanted = list(dict.fromkeys(layer.source for layer in chunk))
-        observed = dict(zip(wanted, _run(internals, wanted, data_names, batch, params)))
+        observed = dict(zip(wanted, run_outputs(internals, wanted, data_names, batch, params)))
         for layer in chunk:
             found.setdefault(layer.target, []).append(layer.shift(observed[layer.source]))
     shared = sorted(name for name, s in found.items() if len(s) > 1)

@@ -1,125 +1,91 @@
-"""Stage 4, calibrate: run the fused FP32 graph over data with collectors as op hooks.
+"""Stage 4, calibrate: run the fused FP32 graph over data and stream its tensors to a collector.
 
-The hook (``register_op_hook``) sees every op output of the FP32 graph; only the outputs
-the quantized graph needs thresholds for are copied out (once, as numpy) and handed to
-the collector, which keeps running statistics. Graph inputs that need a range (the
-``data`` quantize node) are collected straight from the batch. The statistics then go
-through a threshold function (:mod:`gluon_int8.thresholds`) into a
-:class:`~gluon_int8.table.CalibrationTable`.
+The tensors the quantized graph needs thresholds for are the outputs of one static graph
+(:class:`gluon_int8.observe.Watcher`): one forward pass per batch, in sub-batches when
+a batch's tensors would take more than :data:`gluon_int8.observe.MAX_BYTES`. Each tensor
+is read where MXNet wrote it, its min and max computed once (in cache-sized chunks,
+checking for NaN/Inf) and handed with its place in the batch to the collector
+(:meth:`~gluon_int8.collectors.Collector.collect_part`), which keeps running statistics.
+Graph inputs that need a range (the ``data`` quantize node) are collected straight from
+the batch. The statistics then go through a threshold function
+(:mod:`gluon_int8.thresholds`) into a :class:`~gluon_int8.table.CalibrationTable`.
 
-:class:`OpHook`, :func:`hooked_block` and :func:`run_hooked` are shared with the
-per-layer report (:mod:`gluon_int8.report`), which hooks two graphs the same way.
+The statistics are those the op hooks of earlier versions gave, bit for bit, where a
+batch is read whole. Where it is split, tensors whose kernel rounds differently with
+the batch size (oneDNN's fully connected layer) differ by float rounding: thresholds
+within one histogram bin (``tests/test_calibrate.py``).
 """
+import json
 import logging
-import warnings
-from typing import Callable, Dict, Iterable, List, Optional, Sequence
+from typing import Dict, Iterable, List, Optional, Sequence
 
 import mxnet as mx
 import numpy as np
 
-from . import mxnet_private
-from .collectors import Collector, LayerStats
+from .collectors import Collector, LayerStats, Part
 from .data import Batch
-from .errors import first_line
+from .observe import MAX_BYTES, Watcher, batch_errors, sub_batches
 from .quantize_graph import graph_outputs
 from .table import CalibrationTable
 from .thresholds import get_threshold_fn, naive_threshold
-from .trace import build_symbol_block
 
 log = logging.getLogger(__name__)
 
-
-def hook_names(symbol: mx.sym.Symbol, layers: Iterable[str]) -> Dict[str, str]:
-    """Map every name an op hook may report for a wanted output to that output's name."""
-    wanted = set(layers)
-    mapping = {}
-    for node, idx, out_name in graph_outputs(symbol):
-        if out_name in wanted:
-            mapping[out_name] = mapping['%s_%d' % (node, idx)] = out_name
-    return mapping
+CHUNK = 1 << 18  # elements per min/max step: 1 MB of float32 stays in cache
 
 
-class OpHook:
-    """An op-hook callback: each wanted output is copied out once, as numpy (the graph
-    reuses its memory right after), and handed to ``sink(key, op_name, array)``.
-
-    ``mapping`` maps the names hooks report to the caller's keys. Errors cannot cross
-    MXNet's C callback: the first one is kept and :func:`run_hooked` raises it.
-    """
-
-    def __init__(self, mapping: Dict[str, object], sink: Callable = None):
-        self.mapping = mapping
-        self.sink = sink
-        self.error: Optional[Exception] = None
-
-    def __call__(self, name, op_name, handle):
-        key = self.mapping.get(mxnet_private.hook_str(name))
-        if key is None or self.error is not None:
-            return
-        try:
-            arr = mxnet_private.hook_array(handle).asnumpy()
-            self.sink(key, mxnet_private.hook_str(op_name), arr)
-        except Exception as err:  # noqa: BLE001 - must not escape into the C callback
-            self.error = err
-
-
-def hooked_block(symbol: mx.sym.Symbol, data_names: Sequence[str], values, hook: OpHook):
-    """A plain hybridized SymbolBlock (no static_alloc: a static CachedOp bulks ops and
-    reports only some outputs) running ``symbol`` with ``hook`` on every op output."""
-    block = build_symbol_block(symbol, data_names, values, {})
-    block.hybridize()
-    block.register_op_hook(hook, monitor_all=False)
-    return block
-
-
-def run_hooked(block, hook: OpHook, batch: Batch, param: str, index: int) -> None:
-    """One forward pass of a hooked block; a batch the network cannot take is reported
-    as batch ``index`` of the user's ``param``; an error inside the hook is raised."""
-    hook.error = None
-    try:
-        with warnings.catch_warnings():
-            # gluon warns on every call that op hooks are "experimental" with
-            # static_alloc, even when it is off
-            warnings.simplefilter('ignore', UserWarning)
-            outputs = block(*batch)
-        for out in outputs if isinstance(outputs, (list, tuple)) else [outputs]:
-            out.wait_to_read()
-    except mx.base.MXNetError as err:
-        raise ValueError('%s: batch %d with shapes %s does not fit the network: %s'
-                         % (param, index, [tuple(b.shape) for b in batch],
-                            first_line(err))) from err
-    if hook.error is not None:
-        raise hook.error
+def min_max(flat: np.ndarray):
+    """(min, max) of a 1-d array, read in cache-sized chunks (one pass over memory where
+    ``min()`` then ``max()`` would make two); NaN propagates as in numpy."""
+    if flat.size <= CHUNK:
+        return flat.min(), flat.max()
+    los, his = [], []
+    for start in range(0, flat.size, CHUNK):
+        chunk = flat[start:start + CHUNK]
+        los.append(chunk.min())
+        his.append(chunk.max())
+    return np.min(los), np.max(his)
 
 
 class _StatsSink:
-    """Feeds the collector after checking each output for NaN/Inf (naming the layer)."""
+    """Feeds the collector after checking each tensor for NaN/Inf (naming the layer)."""
 
     def __init__(self, collector: Collector):
         self.collector = collector
         self.batch_index = 0
 
-    def __call__(self, layer: str, op_name: str, arr: np.ndarray) -> None:
-        lo, hi = arr.min(), arr.max()
+    def __call__(self, layer: str, op_name: str, arr: np.ndarray, part: Part) -> None:
+        lo, hi = min_max(arr.reshape(-1))
         if not (np.isfinite(lo) and np.isfinite(hi)):
             raise ValueError('calib_data: layer %r produced NaN or Inf on calibration batch '
                              '%d; check the input data and the weights feeding that layer'
                              % (layer, self.batch_index))
-        self.collector.collect_range(layer, op_name, arr, lo, hi)
+        self.collector.collect_part(layer, op_name, arr, lo, hi, part)
+
+
+def _producers(symbol: mx.sym.Symbol, names: Sequence[str]) -> Dict[str, str]:
+    """Output name -> the op that produces it (what collectors are told)."""
+    ops = {node['name']: node['op'] for node in json.loads(symbol.tojson())['nodes']}
+    wanted = set(names)
+    return {out: ops[node] for node, _, out in graph_outputs(symbol) if out in wanted}
 
 
 def collect_statistics(symbol: mx.sym.Symbol, data_names: Sequence[str], arg_params, aux_params,
                        layers: Sequence[str], batches: Iterable[Batch], collector: Collector,
-                       progress: bool = False, total: Optional[int] = None) -> Dict[str, LayerStats]:
+                       progress: bool = False, total: Optional[int] = None,
+                       max_bytes: int = MAX_BYTES) -> Dict[str, LayerStats]:
     """Run ``symbol`` (FP32) over ``batches`` and return the collector's statistics."""
     sink = _StatsSink(collector)
-    hook = OpHook(hook_names(symbol, layers), sink)
-    block = hooked_block(symbol, data_names, {**aux_params, **arg_params}, hook)
-    input_layers = [(i, n) for i, n in enumerate(data_names) if n in set(layers)]
+    inputs = [(i, n) for i, n in enumerate(data_names) if n in set(layers)]
+    outputs = [n for n in layers if n not in set(data_names)]
+    watcher = Watcher(symbol, outputs, data_names, {**aux_params, **arg_params},
+                      max_bytes=max_bytes)
+    ops = _producers(symbol, outputs)
     for batch in _progress(batches, progress, total):
-        for i, name in input_layers:
-            sink(name, 'input', batch[i].asnumpy())
-        run_hooked(block, hook, batch, 'calib_data', sink.batch_index)
+        for i, name in inputs:
+            arr = batch[i].asnumpy()
+            sink(name, 'input', arr, Part(0, arr.size))
+        _collect_batch(watcher, batch, sink, ops)
         sink.batch_index += 1
     stats = collector.finalize()
     missing = sorted(set(layers) - set(stats))
@@ -127,6 +93,21 @@ def collect_statistics(symbol: mx.sym.Symbol, data_names: Sequence[str], arg_par
         raise RuntimeError('calibration saw no output of layers %s' % missing)
     log.info('calibrated %d layer outputs over %d batches', len(layers), sink.batch_index)
     return stats
+
+
+def _collect_batch(watcher: Watcher, batch: Batch, sink: _StatsSink, ops: Dict[str, str]):
+    """One batch, in the watcher's sub-batches; each tensor as soon as it is ready."""
+    examples = batch[0].shape[0]
+    with batch_errors('calib_data', sink.batch_index, batch):
+        for start, inputs in sub_batches(batch, watcher.sub_batch(batch)):
+            part_examples = inputs[0].shape[0]
+            for name, view in watcher.read(inputs):
+                if part_examples == examples:  # whole (also tensors not laid out by example)
+                    part = Part(0, view.size)
+                else:  # the watcher splits only tensors laid out example by example
+                    per_example = view.size // part_examples
+                    part = Part(start * per_example, examples * per_example)
+                sink(name, ops[name], view, part)
 
 
 def _progress(batches, enabled: bool, total: Optional[int]):
@@ -171,5 +152,4 @@ def make_table(stats: Dict[str, LayerStats], mode: str, quantized_dtype: str,
     return CalibrationTable(ranges, mode, quantized_dtype, observed)
 
 
-__all__: List[str] = ['collect_statistics', 'make_table', 'hook_names', 'OpHook', 'hooked_block',
-                      'run_hooked']
+__all__: List[str] = ['collect_statistics', 'make_table', 'min_max']

@@ -1,11 +1,19 @@
 """Collectors: stream per-layer statistics of layer outputs during calibration.
 
 A collector has a two-method contract (as in PyTorch's observers and MXNet's
-``collect(name, op_name, arr)`` hooks): :meth:`Collector.collect` is called once per
-layer output and batch, :meth:`Collector.finalize` returns the statistics. Collectors
-keep running statistics only, never whole activations, so memory does not grow with the
-number of calibration batches. Choosing thresholds from the statistics is a separate,
-pure step (:mod:`gluon_int8.thresholds`).
+``collect(name, op_name, arr)`` hooks): :meth:`Collector.collect` is called with layer
+outputs as calibration reads them, :meth:`Collector.finalize` returns the statistics.
+Collectors keep running statistics only, never whole activations, so memory does not
+grow with the number of calibration batches. Choosing thresholds from the statistics is
+a separate, pure step (:mod:`gluon_int8.thresholds`).
+
+Calibration may read a batch in parts (sub-batches, to bound memory: see
+:mod:`gluon_int8.calibrate`). It then calls :meth:`Collector.collect_part` with each
+part and a :class:`Part` saying where it sits in the batch's output; by default that is
+:meth:`Collector.collect` on the part. The built-in collectors give the same statistics
+whether a batch comes whole or in parts: min/max do not care, and
+:class:`HistogramCollector` samples the parts as it would the whole batch and bins them
+when the batch is complete.
 
 A user collector subclasses :class:`Collector`; its ``finalize`` returns ``LayerStats``
 whose ``min``/``max`` are taken as the quantization range of each layer.
@@ -13,7 +21,7 @@ whose ``min``/``max`` are taken as the quantization range of each layer.
 import abc
 import dataclasses
 import math
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import numpy as np
 
@@ -33,12 +41,29 @@ class LayerStats:
     zeros: float = 0.0
 
 
+@dataclasses.dataclass(frozen=True)
+class Part:
+    """Where a part of one batch's layer output sits in the whole output.
+
+    ``start`` is the index, in the whole output flattened in C order, of the part's first
+    element; ``total`` the number of elements of the whole output. A batch read whole is
+    one part with ``start == 0`` and ``total == arr.size``.
+    """
+    start: int
+    total: int
+
+    def is_last(self, size: int) -> bool:
+        """True for the part (of ``size`` elements) that completes the batch."""
+        return self.start + size == self.total
+
+
 class Collector(abc.ABC):
     """Base class of all collectors: ``collect`` gathers, ``finalize`` reports."""
 
     @abc.abstractmethod
     def collect(self, name: str, op_name: str, arr: np.ndarray) -> None:
-        """Take one float32 output ``arr`` of layer ``name`` (produced by op ``op_name``)."""
+        """Take one float32 output ``arr`` of layer ``name`` (produced by op ``op_name``):
+        a batch's output, or a part of it (a sub-batch) when calibration splits batches."""
 
     @abc.abstractmethod
     def finalize(self) -> Dict[str, LayerStats]:
@@ -49,6 +74,14 @@ class Collector(abc.ABC):
         """:meth:`collect` with ``arr``'s min and max already known (calibration computes
         them to check for NaN/Inf); the built-in collectors skip their own pass."""
         self.collect(name, op_name, arr)
+
+    def collect_part(self, name: str, op_name: str, arr: np.ndarray, lo: float, hi: float,
+                     part: Part) -> None:
+        """:meth:`collect_range` on one part of a batch's output (see :class:`Part`).
+
+        ``arr`` may be a read-only view of memory the next forward pass reuses: this
+        default hands :meth:`collect_range` a copy, which the collector may keep."""
+        self.collect_range(name, op_name, np.array(arr), lo, hi)
 
 
 class MinMaxCollector(Collector):
@@ -67,6 +100,9 @@ class MinMaxCollector(Collector):
             self._ranges[name] = [lo, hi]
         else:
             seen[0], seen[1] = min(seen[0], lo), max(seen[1], hi)
+
+    def collect_part(self, name, op_name, arr, lo, hi, part):
+        self.collect_range(name, op_name, arr, lo, hi)  # reads nothing but lo and hi
 
     def finalize(self):
         return {name: LayerStats(lo, hi) for name, (lo, hi) in self._ranges.items()}
@@ -120,7 +156,9 @@ class _RunningHistogram:
         idx = (magnitude * (num_bins / self.hist_max)).astype(np.int32)
         np.minimum(idx, num_bins - 1, out=idx)
         self.counts += np.bincount(idx.ravel(), minlength=num_bins) * weight
-        self.zeros += (sample.size - np.count_nonzero(sample)) * weight
+        # counting ``sample == 0`` (NaN is not zero either way) is ~15x faster than
+        # count_nonzero on floats
+        self.zeros += np.count_nonzero(sample == 0) * weight
 
 
 DEFAULT_NUM_BINS = 1024
@@ -151,21 +189,64 @@ class HistogramCollector(Collector):
         self.num_bins = num_bins
         self.max_samples = max_samples
         self._hists: Dict[str, _RunningHistogram] = {}
+        self._pending: Dict[str, _PendingBatch] = {}
 
     def collect(self, name, op_name, arr):
         self.collect_range(name, op_name, arr, arr.min(), arr.max())
 
     def collect_range(self, name, op_name, arr, lo, hi):
+        self.collect_part(name, op_name, arr, lo, hi, Part(0, arr.size))
+
+    def collect_part(self, name, op_name, arr, lo, hi, part):
+        """Sample the part as the whole batch would be sampled (the stride over the whole
+        output, from the part's position); bin the samples once the batch is complete,
+        when its min/max, which place the histogram's range, are known."""
         flat = arr.reshape(-1)
-        lo, hi = float(lo), float(hi)
-        stride = 1
-        if self.max_samples is not None and flat.size > self.max_samples:
-            stride = -(-flat.size // self.max_samples)
+        stride = self._stride(part.total)
+        sample = flat[-part.start % stride::stride]
+        if part.start == 0 and part.is_last(flat.size):  # a whole batch: bin it now
+            self._hist(name).add(sample, float(lo), float(hi), float(stride))
+            return
+        pending = self._pending.get(name)
+        if part.start == 0:
+            pending = self._pending[name] = _PendingBatch()
+        elif pending is None or pending.next_start != part.start:
+            raise RuntimeError('collect_part: layer %r got a part starting at element %d, '
+                               'expected %s' % (name, part.start, pending and pending.next_start))
+        pending.add(np.array(sample), float(lo), float(hi), part.start + flat.size)
+        if part.is_last(flat.size):
+            del self._pending[name]
+            self._hist(name).add(np.concatenate(pending.samples), pending.lo, pending.hi,
+                                 float(stride))
+
+    def _stride(self, total: int) -> int:
+        if self.max_samples is not None and total > self.max_samples:
+            return -(-total // self.max_samples)
+        return 1
+
+    def _hist(self, name: str) -> _RunningHistogram:
         hist = self._hists.get(name)
         if hist is None:
             hist = self._hists[name] = _RunningHistogram(self.num_bins)
-        hist.add(flat[::stride], lo, hi, float(stride))
+        return hist
 
     def finalize(self):
+        if self._pending:
+            raise RuntimeError('finalize: layers %s have a batch whose last part never came'
+                               % sorted(self._pending))
         return {name: LayerStats(h.min, h.max, h.counts.copy(), h.hist_max, h.zeros)
                 for name, h in self._hists.items()}
+
+
+class _PendingBatch:
+    """The samples, min and max of the parts of one batch seen so far."""
+
+    def __init__(self):
+        self.samples: List[np.ndarray] = []
+        self.lo, self.hi = math.inf, -math.inf
+        self.next_start = 0
+
+    def add(self, sample: np.ndarray, lo: float, hi: float, next_start: int) -> None:
+        self.samples.append(sample)
+        self.lo, self.hi = min(self.lo, lo), max(self.hi, hi)
+        self.next_start = next_start

@@ -14,7 +14,7 @@ import ctypes
 from typing import List, Mapping, Sequence, Tuple
 
 import mxnet as mx
-from mxnet.base import (NDArrayHandle, SymbolHandle, _LIB, c_array, c_str, c_str_array,
+from mxnet.base import (SymbolHandle, _LIB, c_array, c_str, c_str_array,
                         check_call, mx_uint, py_str)
 from mxnet.gluon.block import _regroup
 
@@ -52,16 +52,13 @@ def set_calib_table(qsym: mx.sym.Symbol, names: Sequence[str], lows: Sequence[fl
     return mx.sym.Symbol(calibrated)
 
 
-# -- op hooks ------------------------------------------------------------------------------
+# -- memory --------------------------------------------------------------------------------
 
-def hook_array(handle) -> mx.nd.NDArray:
-    """The (read-only) NDArray behind the raw handle an op hook receives."""
-    return mx.nd.NDArray(ctypes.cast(handle, NDArrayHandle), writable=False)
-
-
-def hook_str(value) -> str:
-    """A C string an op hook receives, as str."""
-    return py_str(value)
+def data_pointer(arr: mx.nd.NDArray) -> int:
+    """The address of a CPU NDArray's memory (valid while MXNet does not write it)."""
+    pointer = ctypes.c_void_p()
+    check_call(_LIB.MXNDArrayGetData(arr.handle, ctypes.byref(pointer)))
+    return pointer.value
 
 
 # -- Gluon blocks --------------------------------------------------------------------------

@@ -1,8 +1,10 @@
 """Per-layer report: how far each layer's INT8 output is from its FP32 output.
 
-Both graphs run over the same data with op hooks (``register_op_hook``, as calibration
-does): the fused FP32 graph that calibration ran (kept by ``quantize_net`` as
-:class:`FP32Graph`) and the INT8 graph. Layers are matched by name: the INT8 pass names
+Both graphs run over the same data: the fused FP32 graph that calibration ran (kept by
+``quantize_net`` as :class:`FP32Graph`) and the INT8 graph, each as a static graph whose
+outputs are the layer outputs (:class:`gluon_int8.observe.Watcher`, as calibration reads
+its tensors; the INT8 graph's are copied in the graph, so that no in-place INT8 kernel
+overwrites them). Layers are matched by name: the INT8 pass names
 a quantized fused node ``quantized_<fp32 node name>``; its outputs 0, 1, 2 are the
 int8/uint8 data and the real ``min``/``max`` they stand for, so the data is dequantized
 as ``q * max(|min|, |max|) / 127.5`` (int8) or ``/ 255.5`` (uint8): MXNet 1.9.1's oneDNN
@@ -12,15 +14,11 @@ to 1e-7, and is 0.4% off the /127 version). A layer that stays FP32 keeps its na
 is compared as it is (its error is what reaches it from upstream).
 
 Per layer the sums ``sum r^2``, ``sum (r - q)^2``, ``sum r q`` and ``sum q^2`` are
-accumulated over the batches in float64, streaming: per batch the INT8 outputs are kept
-(mostly 1 byte per value) and each FP32 output is compared as its hook fires, giving
+accumulated over the data in float64, streaming: the two graphs run on the same
+sub-batch, and each layer's outputs are compared where MXNet wrote them, giving
 
 * SQNR in dB: ``10 log10(sum r^2 / sum (r - q)^2)`` (infinite when the outputs agree);
 * cosine: ``sum r q / sqrt(sum r^2 sum q^2)``.
-
-Both graphs run as plain hybridized SymbolBlocks with the op hooks calibration uses
-(:func:`gluon_int8.calibrate.hooked_block`): a static CachedOp would report only a few
-outputs.
 """
 import dataclasses
 import json
@@ -32,8 +30,8 @@ import mxnet as mx
 import numpy as np
 
 from . import mxnet_private
-from .calibrate import OpHook, hooked_block, run_hooked
 from .data import iter_batches
+from .observe import Watcher, batch_errors, sub_batches
 from .quantize_graph import INT8_READ_RANGE, UINT8_READ_RANGE, graph_outputs
 from .op_table import WEIGHT_OPS
 from .table import atomic_write_text
@@ -199,14 +197,12 @@ def _plot(rows: List[LayerRow], path: str, title: str) -> None:
     fig.savefig(path, format='png', dpi=100)
 
 
-def output_keys(symbol: mx.sym.Symbol, nodes: Iterable[str]) -> Dict[str, Tuple[str, int]]:
-    """Map every name an op hook may report for an output of ``nodes`` to (node, index)."""
-    wanted = set(nodes)
-    mapping: Dict[str, Tuple[str, int]] = {}
-    for node, idx, out_name in graph_outputs(symbol):
-        if node in wanted:
-            mapping[out_name] = mapping['%s_%d' % (node, idx)] = (node, idx)
-    return mapping
+def output_keys(symbol: mx.sym.Symbol, nodes: Iterable[str],
+                indices: Iterable[int] = (0, 1, 2)) -> Dict[str, Tuple[str, int]]:
+    """Output name -> (node, index) for the outputs ``indices`` of ``nodes``."""
+    wanted, indices = set(nodes), set(indices)
+    return {out_name: (node, idx) for node, idx, out_name in graph_outputs(symbol)
+            if node in wanted and idx in indices}
 
 
 def first_outputs(symbol: mx.sym.Symbol) -> Dict[str, str]:
@@ -260,23 +256,17 @@ def _int8_node(arrays, name: str) -> str:
 
 
 class _Comparison:
-    """Per-layer sums over the batches. For each batch the INT8 graph runs first and
-    its outputs are kept as they come (int8/uint8: a quarter of FP32); then each FP32
-    output is compared as soon as the hook sees it and dropped, so at most one FP32
-    activation is held at a time."""
+    """Per-layer sums over the data. For each sub-batch the INT8 graph's outputs are
+    kept (``int8``, as MXNet wrote them), then each FP32 output is compared with them."""
 
     def __init__(self):
         self.sums: Dict[str, _Sums] = {}
         self.out_dtypes: Dict[str, str] = {}
         self.int8: Dict[Tuple[str, int], np.ndarray] = {}
 
-    def keep_int8(self, key: Tuple[str, int], op_name: str, array: np.ndarray) -> None:
-        self.int8[key] = array
-
-    def compare(self, key: Tuple[str, int], op_name: str, ref: np.ndarray) -> None:
-        name, index = key
+    def compare(self, name: str, ref: np.ndarray) -> None:
         node = _int8_node(self.int8, name)
-        value = dequantized(self.int8, node) if index == 0 else None
+        value = dequantized(self.int8, node)
         if value is None:
             return
         if ref.size != value.size:
@@ -343,17 +333,19 @@ def layer_report(qnet, data, num_batches: Optional[int] = None,
     fp32_values.update(qnet.fp32_graph.params)
     names = [layer.name for layer in qnet.layers]
     int8_symbol = mxnet_private.cached_graph(qnet)[1]
+    int8_keys = output_keys(int8_symbol, names + ['quantized_' + n for n in names])
+    ref_keys = output_keys(qnet.fp32_graph.symbol, names, indices=(0,))
+    int8 = Watcher(int8_symbol, list(int8_keys), data_names, values, block_grad=True,
+                   per_run=[n for n, (_, idx) in int8_keys.items() if idx > 0])
+    ref = Watcher(qnet.fp32_graph.symbol, list(ref_keys), data_names, fp32_values)
     comparison = _Comparison()
-    ref_hook = OpHook(output_keys(qnet.fp32_graph.symbol, names), comparison.compare)
-    int8_hook = OpHook(output_keys(int8_symbol, names + ['quantized_' + n for n in names]),
-                       comparison.keep_int8)
-    ref_block = hooked_block(qnet.fp32_graph.symbol, data_names, fp32_values, ref_hook)
-    int8_block = hooked_block(int8_symbol, data_names, values, int8_hook)
     count = examples = 0
     for batch in iter_batches(data, len(data_names), num_batches, num_examples, param='data'):
-        comparison.int8 = {}
-        run_hooked(int8_block, int8_hook, batch, 'data', count)
-        run_hooked(ref_block, ref_hook, batch, 'data', count)
+        with batch_errors('data', count, batch):
+            for _, inputs in sub_batches(batch, min(int8.sub_batch(batch), ref.sub_batch(batch))):
+                comparison.int8 = {int8_keys[n]: view for n, view in int8.read(inputs)}
+                for name, view in ref.read(inputs):
+                    comparison.compare(ref_keys[name][0], view)
         count, examples = count + 1, examples + batch[0].shape[0]
     outputs, grans = first_outputs(qnet.fp32_graph.symbol), _granularities(int8_symbol)
     rows = [_row(layer, comparison.sums.get(layer.name),

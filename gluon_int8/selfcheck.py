@@ -28,6 +28,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 import mxnet as mx
 import numpy as np
 
+from .observe import run_outputs as _run
 from .plan import PREFIX, Rewrites, tensor_dtypes, GraphView, pattern_of
 
 log = logging.getLogger(__name__)
@@ -234,32 +235,6 @@ def _observe(qsym, values, aux, data_names, inputs, jobs) -> Dict[str, np.ndarra
                                      {**aux, **values}, copy=True)))
     observed.update({n: v.asnumpy() for n, v in zip(data_names, inputs)})
     return observed
-
-
-def _run(symbol: mx.sym.Symbol, wanted: Optional[List[str]], data_names: Sequence[str],
-         inputs, params, copy: bool = False) -> List[np.ndarray]:
-    """Outputs of ``symbol`` (its internals named ``wanted``, or all) for one forward pass,
-    in a SymbolBlock: no subgraph backend runs on it (an executor's bind would apply
-    MXNet's default MKLDNN pass to the graph again).
-
-    Every output passes a BlockGrad (a CachedOp builds a backward graph even for
-    inference, and MXNet's INT8 add and activation have no gradient); with ``copy`` it is
-    first cast to a float32 copy, which no in-place kernel of the graph (an INT8 ReLU
-    writes over its input) can overwrite before it is read."""
-    from .trace import build_symbol_block  # pylint: disable=import-outside-toplevel
-    if wanted is None:
-        outputs = list(symbol)
-    else:  # by position: indexing by name searches every output's name each time
-        position = {name: i for i, name in enumerate(symbol.list_outputs())}
-        outputs = [symbol[position[w]] for w in wanted]
-    if copy:
-        outputs = [mx.sym.Cast(o, dtype='float32') for o in outputs]
-    group = mx.sym.Group([mx.sym.BlockGrad(o) for o in outputs])
-    needed = set(group.list_arguments()) | set(group.list_auxiliary_states())
-    block = build_symbol_block(group, data_names, {k: v for k, v in params.items()
-                                                   if k in needed}, {})
-    out = block(*inputs)
-    return [o.asnumpy() for o in (out if isinstance(out, (list, tuple)) else [out])]
 
 
 def _chunks(jobs: List[_Job], observed) -> List[List[_Job]]:

@@ -379,10 +379,15 @@ def test_cli_quantize_format_onnx_then_load_it(tmp_path, capsys):
 
 # -- the shipped Fashion-MNIST families, on the bundled slice ---------------------------------
 
-# measured on the slice (calibration: its first 160 images, entropy): the logits of both
-# runtimes within these cosines of MXNet INT8's, top-1 within these points of FP32
-SLICE_MIN_COSINE = 0.998
-SLICE_MAX_DROP = 0.5
+# measured on the slice (calibration: its first 160 images, entropy). Both runtimes' logits
+# within SLICE_MIN_COSINE of MXNet INT8's and at least as close to FP32's as MXNet INT8's
+# (less SLICE_COSINE_SLACK): on a CPU without VNNI, oneDNN halves MXNet's INT8 weights
+# (mobilenetv3: 0.9963 to FP32, the runtimes 0.9982, 0.9958 to each other); top-1 within
+# SLICE_MAX_DROP points of FP32 (1000 images: 5 images are 0.5 points; mobilenetv3 lost
+# 0.5 on the slice and 0.05 on the 10k test set, benchmarks/onnx_accuracy.py)
+SLICE_MIN_COSINE = 0.995
+SLICE_COSINE_SLACK = 0.0005
+SLICE_MAX_DROP = 0.6
 
 
 @pytest.fixture(scope='module')
@@ -403,11 +408,13 @@ def test_family_on_onnx_runtime_and_openvino(family, slice_data, tmp_path):
                                          for i in range(0, 160, 32)])
     path = qnet.export(str(tmp_path / family), format='onnx')[0]
     x = mx.nd.array(images)
-    want = qnet(x)
+    want, fp32 = qnet(x), net(x)
     top1 = {'fp32': fm.evaluate(net, images, labels), 'mxnet': fm.evaluate(qnet, images, labels)}
     for runtime in runtimes.RUNTIMES:
         block = runtimes.load_onnx(path, runtime)
-        assert cosine(block(x), want) >= SLICE_MIN_COSINE, runtime
+        got = block(x)
+        assert cosine(got, want) >= SLICE_MIN_COSINE, runtime
+        assert cosine(got, fp32) >= cosine(want, fp32) - SLICE_COSINE_SLACK, runtime
         top1[runtime] = fm.evaluate(block, images, labels)
     assert abs(top1['onnxruntime'] - top1['openvino']) <= 0.002, top1
     assert top1['fp32'] - top1['onnxruntime'] <= SLICE_MAX_DROP / 100, top1

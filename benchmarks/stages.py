@@ -25,6 +25,7 @@ import argparse
 import json
 import logging
 import os
+import resource
 import sys
 import time
 import warnings
@@ -33,10 +34,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 
+def _peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
 def _timed(rows, stage, fn, *args, **kwargs):
+    """Run one stage: (stage, seconds, peak RSS of the process when it ends)."""
     start = time.perf_counter()
     out = fn(*args, **kwargs)
-    rows.append((stage, time.perf_counter() - start))
+    rows.append((stage, time.perf_counter() - start, _peak_mb()))
     return out
 
 
@@ -69,7 +75,7 @@ def measure(model: str, images: int, batch_size: int, bias_correction: bool):
     forward = time.perf_counter() - start
 
     opts = api.validate(mode='entropy', bias_correction=bias_correction)
-    rows = []
+    before, rows = _peak_mb(), []
     first = [batches[0]]
     traced = _timed(rows, 'trace', trace, net, first)
     fused = _timed(rows, 'fuse', fuse, traced.symbol)
@@ -90,7 +96,7 @@ def measure(model: str, images: int, batch_size: int, bias_correction: bool):
                     first)
     if bias_correction:
         _timed(rows, 'bias corr.', pipeline._build, prepared, table, first)
-    return forward, rows, len(qnet.self_check), len(checks)
+    return forward, rows, len(qnet.self_check), len(checks), before
 
 
 def main():
@@ -105,24 +111,26 @@ def main():
     logging.basicConfig(level=logging.ERROR)
     from gluon_int8 import bench
 
-    forward, rows, nodes, defects = measure(args.model, args.images, args.batch_size,
+    forward, rows, nodes, defects, before = measure(args.model, args.images, args.batch_size,
                                             args.bias_correction)
-    total = sum(s for _, s in rows)
+    total = sum(s for _, s, _ in rows)
     lines = ['%s, %d random images of batch %d, entropy, OMP_NUM_THREADS=%s; the bare fused '
              'FP32 forward over the same images: %.2f s. Self-check: %d INT8 nodes, %d '
              'defects.' % (args.model, args.images, args.batch_size, bench.omp_threads(),
                            forward, nodes, defects), '',
-             '| stage | seconds | x forward | share |', '|---|---|---|---|']
-    lines += ['| %s | %.2f | %.2f | %.0f%% |' % (stage, s, s / forward, 100 * s / total)
-              for stage, s in rows]
-    lines.append('| **total** | %.2f | %.2f | 100%% |' % (total, total / forward))
+             '| stage | seconds | x forward | share | peak RSS MB at its end |',
+             '|---|---|---|---|---|', '| (model, images, forward) | | | | %.0f |' % before]
+    lines += ['| %s | %.2f | %.2f | %.0f%% | %.0f |' % (stage, s, s / forward, 100 * s / total,
+                                                       peak) for stage, s, peak in rows]
+    lines.append('| **total** | %.2f | %.2f | 100%% | |' % (total, total / forward))
     table = '\n'.join(lines)
     print(table)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, 'stages.json'), 'w') as f:
         json.dump({'model': args.model, 'images': args.images, 'batch_size': args.batch_size,
                    'threads': bench.omp_threads(), 'forward_seconds': forward,
-                   'stages': dict(rows), 'self_check_nodes': nodes,
+                   'stages': {stage: s for stage, s, _ in rows},
+                   'peak_rss_mb': {stage: peak for stage, _, peak in rows}, 'self_check_nodes': nodes,
                    'self_check_defects': defects}, f, indent=1)
     with open(os.path.join(args.out, 'stages.md'), 'w') as f:
         f.write('Command: `OMP_NUM_THREADS=%s python benchmarks/stages.py --model %s --images %d%s`'

@@ -78,6 +78,23 @@ def outputs_over(block, batches):
                            for b in batches]).astype(np.float64)
 
 
+def blame(qnet, tests):
+    """What the self-check and the report blame: the INT8 node furthest from its FP32 op
+    (output steps), and the layer where the report's SQNR against FP32 falls most from
+    the layer before it."""
+    found = {}
+    if qnet.self_check:
+        worst = max(qnet.self_check, key=lambda c: c.error_steps)
+        found['self_check_worst'] = [worst.layer, worst.pattern, worst.error_steps]
+    rows = [r for r in qnet.report(tests[:1]).rows
+            if r.sqnr_db is not None and r.sqnr_db != float('inf')]
+    drops = [(prev.sqnr_db - r.sqnr_db, r) for prev, r in zip(rows, rows[1:])]
+    if drops:
+        drop, row = max(drops, key=lambda d: d[0])
+        found['report_largest_drop'] = [row.name, row.op, round(drop, 2), round(row.sqnr_db, 2)]
+    return found
+
+
 def run_one(name, mode, timing=True):
     """Child: quantize one model and print one JSON line."""
     import logging
@@ -109,6 +126,7 @@ def run_one(name, mode, timing=True):
     if row['kind'] == 'classification':
         ref, out = flat_outputs(net(test)), flat_outputs(qnet(test))
         row['top1_agreement'] = float((ref[0].argmax(axis=1) == out[0].argmax(axis=1)).mean().asscalar())
+        row.update(blame(qnet, tests))
     row['status'] = 'ok'
     blocks = bench.variants(net, [test[:1]], qnet)
     if not timing:  # still run what the timing runs: 4 calls of each at batch 1
@@ -170,16 +188,33 @@ def merged(new_rows):
 
 def _row_line(r):
     if r['status'] != 'ok':
-        return '| %s | error | | | | | | | | %s |' % (r['model'], r['error'])
+        return '| %s | error | | | | | | | | | %s |' % (r['model'], r['error'])
     agree = '%.2f' % r['top1_agreement'] if 'top1_agreement' in r else '-'
     if r.get('timed', True):
         speed = '%.2f | %.2f | %.2f' % (r['latency_ms_fusion'], r['latency_ms_int8'], r['speedup'])
     else:
         speed = 'not timed (busy machine) | not timed | -'
     chaos = '%.4f' % r['fp32_input8_cosine'] if 'fp32_input8_cosine' in r else '-'
-    return '| %s | ok | %.4f | %s | %s | %s | %d/%d | %s |' % (
+    return '| %s | ok | %.4f | %s | %s | %s | %d/%d | %s | %s |' % (
         r['model'], r['cosine'], chaos, agree, speed, r['int8_layers'], r['fp32_layers'],
-        r['preset'])
+        _blamed(r) if not near_floor(r) else '', r['preset'])
+
+
+def near_floor(r) -> bool:
+    """Cosine within 0.02 of the FP32 network's own with an 8-bit input."""
+    return r['status'] == 'ok' and 'fp32_input8_cosine' in r and \
+        r['cosine'] >= r['fp32_input8_cosine'] - 0.02
+
+
+def _blamed(r) -> str:
+    parts = []
+    if 'self_check_worst' in r:
+        layer, pattern, steps = r['self_check_worst']
+        parts.append('self-check: %s (%s, %.1f steps)' % (layer, pattern, steps))
+    if 'report_largest_drop' in r:
+        layer, op, drop, sqnr = r['report_largest_drop']
+        parts.append('report: %s (%s, SQNR -%.1f dB to %.1f)' % (layer, op, drop, sqnr))
+    return '; '.join(parts) or 'not measured'
 
 
 def _stored_about():
@@ -205,15 +240,17 @@ def write(rows, mode, merge=False):
            ' '.join(sys.argv[1:])))
     lines = ['# GluonCV zoo sweep', '', about, '',
              '%d of %d classification models quantize with cosine >= 0.98 and run faster in '
-             'INT8 than fused FP32%s.' % (len(good), len(cls), ' (untimed rows not counted)'
-                                          if untimed else ''), '']
+             'INT8 than fused FP32%s; %d of %d are within 0.02 of their floor ("FP32, '
+             '8-bit input"), the others name the layers the self-check and the report blame.'
+             % (len(good), len(cls), ' (untimed rows not counted)' if untimed else '',
+                sum(near_floor(r) for r in cls), len(cls)), '']
     if untimed:
         lines += ['Rows run with `--no-timing` (OMP_NUM_THREADS=%s on a busy machine, `--merge`'
                   ' into the rows above): no latency measured, the other columns are '
                   'comparable: %s.' % (bench.omp_threads(), ', '.join(untimed)), '']
     lines += ['| model | status | cosine | FP32, 8-bit input | top-1 agree | fused FP32 ms | '
-              'INT8 ms | speedup | INT8/FP32 layers | note |',
-              '|---|---|---|---|---|---|---|---|---|---|']
+              'INT8 ms | speedup | INT8/FP32 layers | short of the floor: blamed | note |',
+              '|---|---|---|---|---|---|---|---|---|---|---|']
     lines += [_row_line(r) for r in rows]
     os.makedirs(os.path.join(ROOT, 'results'), exist_ok=True)
     os.makedirs(os.path.join(ROOT, 'docs'), exist_ok=True)

@@ -84,14 +84,27 @@ class Plan:
 
 # -- reading a quantized graph ---------------------------------------------------------
 
+def _output_names(nodes: List[dict], outputs: List[Tuple[str, int, str]]
+                  ) -> Dict[Tuple[int, int], str]:
+    """(node index, output) -> output name. MXNet lists a graph's outputs node by node in
+    the order of its JSON nodes, so the two are walked together: node names need not be
+    unique (GluonCV's DLA has two nodes of one name)."""
+    names, position = {}, 0
+    for index, node in enumerate(nodes):
+        out = 0
+        while position < len(outputs) and outputs[position][0] == node['name']:
+            names[(index, out)] = outputs[position][2]
+            position, out = position + 1, out + 1
+    return names
+
+
 class GraphView:
     """A graph as JSON, with the name of every node output (as calibration names it)."""
 
     def __init__(self, symbol: mx.sym.Symbol):
         self.graph = json.loads(symbol.tojson())
         self.nodes = self.graph['nodes']
-        index = {n['name']: i for i, n in enumerate(self.nodes)}
-        self.outputs = {(index[node], idx): name for node, idx, name in graph_outputs(symbol)}
+        self.outputs = _output_names(self.nodes, graph_outputs(symbol))
 
     def output_name(self, index: int, out: int) -> str:
         node = self.nodes[index]

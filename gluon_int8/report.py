@@ -24,7 +24,7 @@ import dataclasses
 import json
 import logging
 import math
-from typing import Dict, Iterable, List, Mapping, Optional, Tuple
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import mxnet as mx
 import numpy as np
@@ -33,7 +33,7 @@ from . import mxnet_private
 from .data import iter_batches
 from .observe import Watcher, batch_errors, sub_batches
 from .quantize_graph import INT8_READ_RANGE, UINT8_READ_RANGE, graph_outputs
-from .op_table import WEIGHT_OPS
+from .op_table import LAYOUT_OPS, WEIGHT_OPS
 from .table import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -210,12 +210,17 @@ def first_outputs(symbol: mx.sym.Symbol) -> Dict[str, str]:
     return {node: out_name for node, idx, out_name in graph_outputs(symbol) if idx == 0}
 
 
-def dequantized(arrays: Mapping[Tuple[str, int], np.ndarray], node: str) -> Optional[np.ndarray]:
-    """The real-valued output 0 of ``node`` in the INT8 graph (None if not seen)."""
+def dequantized(arrays: Mapping[Tuple[str, int], np.ndarray], node: str,
+                range_keys: Optional[Tuple[Tuple[str, int], Tuple[str, int]]] = None
+                ) -> Optional[np.ndarray]:
+    """The real-valued output 0 of ``node`` in the INT8 graph (None if not seen); its
+    range is its outputs 1 and 2, or ``range_keys`` (a layout op run on int8 carries the
+    range of the tensor it reads)."""
     data = arrays.get((node, 0))
     if data is None or data.dtype not in LEVELS:
         return data
-    lo, hi = arrays.get((node, 1)), arrays.get((node, 2))
+    lo_key, hi_key = range_keys or ((node, 1), (node, 2))
+    lo, hi = arrays.get(lo_key), arrays.get(hi_key)
     if lo is None or hi is None:
         raise RuntimeError('report: INT8 node %r reported no min/max outputs' % node)
     scale = max(abs(float(lo.ravel()[0])), abs(float(hi.ravel()[0]))) / LEVELS[data.dtype]
@@ -259,14 +264,15 @@ class _Comparison:
     """Per-layer sums over the data. For each sub-batch the INT8 graph's outputs are
     kept (``int8``, as MXNet wrote them), then each FP32 output is compared with them."""
 
-    def __init__(self):
+    def __init__(self, carried: Mapping[str, Tuple[Tuple[str, int], Tuple[str, int]]]):
         self.sums: Dict[str, _Sums] = {}
         self.out_dtypes: Dict[str, str] = {}
         self.int8: Dict[Tuple[str, int], np.ndarray] = {}
+        self.carried = carried  # layout node -> the (node, output) keys of its range
 
     def compare(self, name: str, ref: np.ndarray) -> None:
         node = _int8_node(self.int8, name)
-        value = dequantized(self.int8, node)
+        value = dequantized(self.int8, node, self.carried.get(node))
         if value is None:
             return
         if ref.size != value.size:
@@ -275,6 +281,20 @@ class _Comparison:
         dtype = str(self.int8[(node, 0)].dtype)
         self.out_dtypes[name] = SHORT_DTYPES.get(dtype, dtype)
         self.sums.setdefault(name, _Sums()).add(ref, value)
+
+
+def _carried_ranges(int8_symbol: mx.sym.Symbol, names: Iterable[str], data_names: Sequence[str]
+                    ) -> Dict[str, Tuple[Tuple[str, int], Tuple[str, int]]]:
+    """Layout layer run on int8 -> the (node, output) of the min and max it carries: those
+    of the tensor it reads (:meth:`gluon_int8.plan.GraphView.range_of`)."""
+    from .plan import GraphView, tensor_dtypes  # pylint: disable=import-outside-toplevel
+    view, wanted = GraphView(int8_symbol), set(names)
+    dtypes = tensor_dtypes(int8_symbol, data_names)
+    where = {out_name: (node, idx) for node, idx, out_name in graph_outputs(int8_symbol)}
+    return {node['name']: tuple(where[n] for n in view.range_of(i, 0))
+            for i, node in enumerate(view.nodes)
+            if node['op'] in LAYOUT_OPS and node['name'] in wanted
+            and dtypes.get(view.output_name(i, 0)) in ('s8', 'u8')}
 
 
 def _granularities(int8_symbol: mx.sym.Symbol) -> Dict[str, str]:
@@ -334,11 +354,14 @@ def layer_report(qnet, data, num_batches: Optional[int] = None,
     names = [layer.name for layer in qnet.layers]
     int8_symbol = mxnet_private.cached_graph(qnet)[1]
     int8_keys = output_keys(int8_symbol, names + ['quantized_' + n for n in names])
+    carried = _carried_ranges(int8_symbol, names, data_names)
+    int8_keys.update(output_keys(int8_symbol, {k[0] for keys in carried.values() for k in keys},
+                                 indices=(1, 2)))
     ref_keys = output_keys(qnet.fp32_graph.symbol, names, indices=(0,))
     int8 = Watcher(int8_symbol, list(int8_keys), data_names, values, block_grad=True,
                    per_run=[n for n, (_, idx) in int8_keys.items() if idx > 0])
     ref = Watcher(qnet.fp32_graph.symbol, list(ref_keys), data_names, fp32_values)
-    comparison = _Comparison()
+    comparison = _Comparison(carried)
     count = examples = 0
     for batch in iter_batches(data, len(data_names), num_batches, num_examples, param='data'):
         with batch_errors('data', count, batch):

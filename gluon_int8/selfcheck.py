@@ -19,6 +19,7 @@ a range problem; ``quantize_net`` warns naming it, or (``self_check='fallback'``
 it to FP32. The conformance probes measure the same thing on tiny graphs with exact
 inputs; this check covers the shapes, layouts and data of the user's network.
 """
+import collections
 import dataclasses
 import json
 import logging
@@ -204,7 +205,11 @@ def check(qsym: mx.sym.Symbol, values: Mapping[str, mx.nd.NDArray],
 
 def _jobs(view: GraphView, dtypes, fused: mx.sym.Symbol, data_names) -> List[_Job]:
     fp32_graph = json.loads(fused.tojson())
-    fp32_nodes = {n['name']: n for n in fp32_graph['nodes']}
+    counts = collections.Counter(n['name'] for n in fp32_graph['nodes'])
+    # a node name used twice (GluonCV's DLA has six Poolings 'pool0_fwd') tells neither
+    # its FP32 op nor its tensors: nodes that touch one are not checked
+    fp32_nodes = {n['name']: n for n in fp32_graph['nodes'] if counts[n['name']] == 1}
+    shared = {name for name, k in collections.Counter(view.outputs.values()).items() if k > 1}
     jobs = []
     for index in view.int8_nodes():
         node = view.nodes[index]
@@ -219,6 +224,8 @@ def _jobs(view: GraphView, dtypes, fused: mx.sym.Symbol, data_names) -> List[_Jo
             continue  # the node reads an input the FP32 node does not (nothing to compare)
         inputs = [(view.output_name(s, o),) + view.range_of(s, o) for s, o in data]
         outs = [view.outputs[(index, k)] for k in range(3) if (index, k) in view.outputs]
+        if shared & {n for triple in inputs for n in triple} | shared & set(outs):
+            continue
         output = (outs[0], outs[1], outs[2]) if len(outs) == 3 else (outs[0], None, None)
         jobs.append(_Job(index, fp32, inputs, output, names, slots))
     return jobs

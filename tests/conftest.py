@@ -106,6 +106,20 @@ class PoolBlock(nn.HybridBlock):
         return self.fc(F.flatten(self.gap(self.b(self.pool(self.a(x))))))
 
 
+class ShuffleBlock(nn.HybridBlock):
+    """conv -> channel shuffle (MXNet's reshape codes -4/-3/-2) -> conv, as ShuffleNet."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.a = ConvBNAct(8)
+        self.b = nn.Conv2D(8, 1)
+
+    def hybrid_forward(self, F, x):
+        y = self.a(x)
+        y = F.reshape(y, shape=(0, -4, 2, -1, -2))
+        return self.b(F.reshape(F.swapaxes(y, 1, 2), shape=(0, -3, -2)))
+
+
 class TwoInputs(nn.HybridBlock):
     def __init__(self, **kwargs):
         super().__init__(**kwargs)

@@ -77,3 +77,27 @@ def test_relu_of_uint8_add_is_removed(tmp_path):
     assert act.dtype == 'int8' and act.note.startswith('removed: the ReLU of a uint8 tensor')
     ops = [n['op'] for n in json.loads(qnet._cached_graph[1].tojson())['nodes']]
     assert '_contrib_quantized_act' not in ops
+
+
+def test_two_nodes_of_one_name_quantize_and_skip_the_self_check(tmp_path):
+    """GluonCV's DLA names six max-poolings 'pool0_fwd': the plan reads the graph node by
+    node, not by name, and the self-check leaves out the nodes whose tensors it cannot
+    tell apart instead of comparing one pooling's output with another's."""
+    import mxnet as mx
+    from mxnet.gluon import nn
+
+    class SameNames(nn.HybridBlock):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.a, self.b = ConvBNAct(8), ConvBNAct(16)
+
+        def hybrid_forward(self, F, x):
+            x = F.Pooling(self.a(x), kernel=(2, 2), stride=(2, 2), pool_type='max', name='pool')
+            return F.Pooling(self.b(x), kernel=(2, 2), stride=(2, 2), pool_type='max', name='pool')
+
+    net, inputs = make_net(SameNames, (4, 3, 16, 16))
+    qnet = check_quantize(net, inputs, [CONV, '_contrib_quantized_pooling'], tmp_path,
+                          min_cosine=0.99)
+    checked = {c.layer for c in qnet.self_check}
+    assert checked and 'pool' not in checked  # a conv, not the poolings
+    assert isinstance(qnet(*inputs), mx.nd.NDArray)

@@ -25,21 +25,7 @@ from gluon_int8.table import CalibrationTable
 from gluon_int8.trace import build_symbol_block, trace
 from gluon_int8_samples import fashion_mnist as fm
 from conftest import (ConcatBlock, ConvBNAct, ConvBNSum, DenseBlock, DepthwiseBlock, PoolBlock,
-                      TwoInputs, TwoOutputs, as_list, cosine, make_net)
-
-
-class ShuffleBlock(nn.HybridBlock):
-    """conv -> channel shuffle (MXNet's reshape codes -4/-3/-2) -> conv, as ShuffleNet."""
-
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
-        self.a = ConvBNAct(8)
-        self.b = nn.Conv2D(8, 1)
-
-    def hybrid_forward(self, F, x):
-        y = self.a(x)
-        y = F.reshape(y, shape=(0, -4, 2, -1, -2))
-        return self.b(F.reshape(F.swapaxes(y, 1, 2), shape=(0, -3, -2)))
+                      ShuffleBlock, TwoInputs, TwoOutputs, as_list, cosine, make_net)
 
 
 class PreActBlock(nn.HybridBlock):

@@ -11,7 +11,7 @@ from mxnet.gluon import nn
 import gluon_int8
 from gluon_int8.cli import main
 from gluon_int8.report import LayerRow, Report
-from conftest import ConvBNAct, PoolBlock, make_net
+from conftest import ConvBNAct, PoolBlock, ShuffleBlock, make_net
 
 
 def sqnr_cos(ref, val):
@@ -95,6 +95,19 @@ def test_an_inner_layer_matches_the_same_layer_quantized_alone():
     assert first.sqnr_db == pytest.approx(sqnr, abs=1e-4)
     assert first.cosine == pytest.approx(cos, abs=1e-9)
     assert report.rows[1].sqnr_db < first.sqnr_db  # error accumulates
+
+
+def test_layout_ops_on_int8_are_read_with_the_range_they_carry():
+    """A channel shuffle runs on the int8 tensor (no min/max outputs of its own): its rows
+    are INT8 with the SQNR of the conv output they move, which they do not change."""
+    net, x = make_net(ShuffleBlock, (4, 3, 8, 8))
+    qnet = gluon_int8.quantize_net(net, [x], mode='naive')
+    rows = {r.name: r for r in qnet.report([x]).rows}
+    layout = [r for r in rows.values() if r.op in ('Reshape', 'SwapAxis')]
+    assert len(layout) == 3 and all(r.dtype == 'int8' and r.out in ('s8', 'u8') for r in layout)
+    conv = next(r for r in rows.values() if r.op == '_sg_mkldnn_conv' and r.dtype == 'int8')
+    assert conv.sqnr_db > 30
+    assert all(r.sqnr_db == pytest.approx(conv.sqnr_db, abs=1e-6) for r in layout)
 
 
 def test_rows_cover_the_layers_and_fp32_layers_say_why():

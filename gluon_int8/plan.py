@@ -88,7 +88,7 @@ def _output_names(nodes: List[dict], outputs: List[Tuple[str, int, str]]
                   ) -> Dict[Tuple[int, int], str]:
     """(node index, output) -> output name. MXNet lists a graph's outputs node by node in
     the order of its JSON nodes, so the two are walked together: node names need not be
-    unique (GluonCV's DLA has two nodes of one name)."""
+    unique (GluonCV's DLA names six poolings alike)."""
     names, position = {}, 0
     for index, node in enumerate(nodes):
         out = 0

@@ -224,7 +224,7 @@ def _jobs(view: GraphView, dtypes, fused: mx.sym.Symbol, data_names) -> List[_Jo
             continue  # the node reads an input the FP32 node does not (nothing to compare)
         inputs = [(view.output_name(s, o),) + view.range_of(s, o) for s, o in data]
         outs = [view.outputs[(index, k)] for k in range(3) if (index, k) in view.outputs]
-        if shared & {n for triple in inputs for n in triple} | shared & set(outs):
+        if shared & ({n for triple in inputs for n in triple} | set(outs)):
             continue
         output = (outs[0], outs[1], outs[2]) if len(outs) == 3 else (outs[0], None, None)
         jobs.append(_Job(index, fp32, inputs, output, names, slots))

@@ -27,7 +27,7 @@ from mxnet.gluon import SymbolBlock
 
 from . import exporters, layout, mxnet_private, store, weights
 from .errors import first_line
-from .quantize_graph import LayerInfo
+from .quantize_graph import LayerInfo, LayerTable
 from .report import FP32Graph, Report, layer_report
 from .sidecar import Sidecar, graph_symbol
 from .table import CalibrationTable
@@ -36,7 +36,7 @@ from .trace import build_symbol_block
 log = logging.getLogger(__name__)
 
 
-class QuantizedBlock(SymbolBlock):
+class QuantizedBlock(LayerTable, SymbolBlock):
     """An INT8 network: a SymbolBlock plus its calibration table and layer summary.
 
     Returned hybridized with ``static_alloc=True, static_shape=True``: at batch 1 that is
@@ -73,24 +73,6 @@ class QuantizedBlock(SymbolBlock):
             return out
         flat = out if isinstance(out, (list, tuple)) else [out]
         return mxnet_private.regroup(list(flat), self._user_out_format)
-
-    @property
-    def int8_layers(self) -> List[str]:
-        """Names of the fused layers that run INT8."""
-        return [row.name for row in self.layers if row.dtype == 'int8']
-
-    @property
-    def fp32_layers(self) -> dict:
-        """Fused layers that stay FP32, mapped to the reason why."""
-        return {row.name: row.reason for row in self.layers if row.dtype == 'fp32'}
-
-    def layer_table(self) -> str:
-        """The per-layer summary as a plain-text table."""
-        width = max([len(r.name) for r in self.layers] + [5])
-        lines = ['%-*s  %-28s %-5s %s' % (width, 'layer', 'op', 'dtype', 'why FP32')]
-        lines += ['%-*s  %-28s %-5s %s' % (width, r.name, r.op, r.dtype, r.reason)
-                  for r in self.layers]
-        return '\n'.join(lines)
 
     def report(self, data, num_batches: Optional[int] = None,
                num_examples: Optional[int] = None) -> Report:

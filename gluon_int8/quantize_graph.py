@@ -57,6 +57,30 @@ class LayerInfo:
                    tuple(row.get('layers', ())), row.get('note', ''))
 
 
+class LayerTable:
+    """The per-layer summary of a quantized model (its ``layers``, :class:`LayerInfo`
+    rows), as QuantizedBlock and an ONNX model on its runtime both show it."""
+    layers: List[LayerInfo]
+
+    @property
+    def int8_layers(self) -> List[str]:
+        """Names of the fused layers that run INT8."""
+        return [row.name for row in self.layers if row.dtype == 'int8']
+
+    @property
+    def fp32_layers(self) -> Dict[str, str]:
+        """Fused layers that stay FP32, mapped to the reason why."""
+        return {row.name: row.reason for row in self.layers if row.dtype == 'fp32'}
+
+    def layer_table(self) -> str:
+        """The per-layer summary as a plain-text table."""
+        width = max([len(r.name) for r in self.layers] + [5])
+        lines = ['%-*s  %-28s %-5s %s' % (width, 'layer', 'op', 'dtype', 'why FP32')]
+        lines += ['%-*s  %-28s %-5s %s' % (width, r.name, r.op, r.dtype, r.reason)
+                  for r in self.layers]
+        return '\n'.join(lines)
+
+
 def graph_nodes(symbol: mx.sym.Symbol) -> List[Node]:
     """The compute (non-variable) nodes of ``symbol`` with their fused contents."""
     nodes = []

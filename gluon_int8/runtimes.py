@@ -24,7 +24,7 @@ import numpy as np
 from . import mxnet_private
 from .errors import first_line
 from .exporters import read_metadata
-from .quantize_graph import LayerInfo
+from .quantize_graph import LayerInfo, LayerTable
 from .table import CalibrationTable
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ class RuntimeLoadError(ValueError):
         self.runtime, self.path, self.node, self.op = runtime, path, node, op
 
 
-class RuntimeBlock:
+class RuntimeBlock(LayerTable):
     """An exported ONNX model on one runtime, with the ``__call__`` of a QuantizedBlock
     and the layer table and calibration table the export wrote."""
 
@@ -112,24 +112,6 @@ class RuntimeBlock:
             return self._run(list(arrays))
         except self._errors as err:  # pylint: disable=catching-non-exception
             raise self._error(err) from err
-
-    # -- the layer table -------------------------------------------------------------------
-
-    @property
-    def int8_layers(self) -> List[str]:
-        return [r.name for r in self.layers if r.dtype == 'int8']
-
-    @property
-    def fp32_layers(self) -> Dict[str, str]:
-        return {r.name: r.reason for r in self.layers if r.dtype == 'fp32'}
-
-    def layer_table(self) -> str:
-        """The per-layer summary as a plain-text table (as QuantizedBlock's)."""
-        width = max([len(r.name) for r in self.layers] + [5])
-        lines = ['%-*s  %-28s %-5s %s' % (width, 'layer', 'op', 'dtype', 'why FP32')]
-        lines += ['%-*s  %-28s %-5s %s' % (width, r.name, r.op, r.dtype, r.reason)
-                  for r in self.layers]
-        return '\n'.join(lines)
 
     def __repr__(self) -> str:
         return 'RuntimeBlock(%r, runtime=%r)' % (self.path, self.runtime)

@@ -201,6 +201,18 @@ def make_net(cls, *shapes, seed=0):
     return net, inputs
 
 
+def exported_pool_net(tmp_path, examples=16):
+    """A hybridized PoolBlock exported as ``tmp_path/fp32`` with ``examples`` random images
+    saved as ``tmp_path/calib.npy``, as the CLI tests read them: (net, images)."""
+    net, _ = make_net(PoolBlock, (2, 3, 16, 16))
+    net.hybridize()
+    data = mx.nd.random.uniform(-1, 1, shape=(examples, 3, 16, 16))
+    net(data)
+    net.export(str(tmp_path / 'fp32'))
+    np.save(str(tmp_path / 'calib.npy'), data.asnumpy())
+    return net, data
+
+
 def cosine(a, b):
     a, b = a.asnumpy().ravel().astype(np.float64), b.asnumpy().ravel().astype(np.float64)
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
@@ -245,6 +257,12 @@ def check_quantize(net, inputs, int8_ops, tmp_path, mode='entropy', min_cosine=0
     for a, b in zip(out, as_list(loaded(*inputs))):
         np.testing.assert_array_equal(a.asnumpy(), b.asnumpy())
     return qnet
+
+
+@pytest.fixture(scope='session')
+def slice_data():
+    """The bundled 1000-image Fashion-MNIST test slice (images, labels); read only."""
+    return fm.bundled_slice()
 
 
 @pytest.fixture

@@ -13,17 +13,12 @@ from gluon_int8.cli import main
 from gluon_int8.datasets import PREPROCESS, ImageSource
 from gluon_int8.evaluation import evaluate, load_model
 from gluon_int8_samples import fashion_mnist as fm
-from conftest import PoolBlock, make_net
+from conftest import PoolBlock, exported_pool_net, make_net
 from image_sets import write_image_sets
 
 
 def test_quantize_then_info(tmp_path, capsys):
-    net, _ = make_net(PoolBlock, (2, 3, 16, 16))
-    net.hybridize()
-    data = mx.nd.random.uniform(-1, 1, shape=(16, 3, 16, 16))
-    net(data)
-    net.export(str(tmp_path / 'fp32'))
-    np.save(str(tmp_path / 'calib.npy'), data.asnumpy())
+    net, data = exported_pool_net(tmp_path)
     out = str(tmp_path / 'cq')
     assert main(['quantize', '--prefix', str(tmp_path / 'fp32'), '--calib-data',
                  str(tmp_path / 'calib.npy'), '--batch-size', '8', '--mode', 'naive',
@@ -165,12 +160,7 @@ def test_the_article_commands_on_a_zoo_model(image_sets, tmp_path, capsys):
 @pytest.fixture
 def files(tmp_path):
     """An FP32 export, calibration data, and an INT8 export (with its FP32 reference)."""
-    net, _ = make_net(PoolBlock, (2, 3, 16, 16))
-    net.hybridize()
-    data = mx.nd.random.uniform(-1, 1, shape=(16, 3, 16, 16))
-    net(data)
-    net.export(str(tmp_path / 'fp32'))
-    np.save(str(tmp_path / 'calib.npy'), data.asnumpy())
+    net, data = exported_pool_net(tmp_path)
     gluon_int8.quantize_net(net, data).export(str(tmp_path / 'cq'), fp32_reference=True)
     (tmp_path / 'a_file').write_text('not a folder')
     return tmp_path
@@ -246,12 +236,7 @@ def test_a_missing_subcommand_argument_is_one_line_too(capsys):
 
 
 def test_quantize_passes_self_check_and_bias_correction(tmp_path, monkeypatch):
-    net, _ = make_net(PoolBlock, (2, 3, 16, 16))
-    net.hybridize()
-    data = mx.nd.random.uniform(-1, 1, shape=(8, 3, 16, 16))
-    net(data)
-    net.export(str(tmp_path / 'fp32'))
-    np.save(str(tmp_path / 'calib.npy'), data.asnumpy())
+    net, data = exported_pool_net(tmp_path, examples=8)
     seen, real = {}, gluon_int8.quantize_net
     monkeypatch.setattr(gluon_int8, 'quantize_net',
                         lambda *a, **kw: seen.update(kw) or real(*a, **kw))

@@ -9,15 +9,10 @@ from gluon_int8_samples import fashion_mnist
 CALIB = 160  # 5 batches of 32, the reference default
 
 
-@pytest.fixture(scope='module')
-def data():
-    return fashion_mnist.bundled_slice()
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize('family', sorted(fashion_mnist.MODELS))
-def test_int8_top1_within_one_point_of_fp32(family, data, tmp_path):
-    images, labels = data
+def test_int8_top1_within_one_point_of_fp32(family, slice_data, tmp_path):
+    images, labels = slice_data
     calib = [mx.nd.array(images[i:i + 32]) for i in range(0, CALIB, 32)]
     test_images, test_labels = images[CALIB:], labels[CALIB:]
     net = fashion_mnist.get_model(family)
@@ -37,10 +32,10 @@ def test_int8_top1_within_one_point_of_fp32(family, data, tmp_path):
 
 
 @pytest.mark.slow
-def test_tune_reaches_a_0_3_point_budget_on_the_preact_resnet(data):
+def test_tune_reaches_a_0_3_point_budget_on_the_preact_resnet(slice_data):
     """The network the correctness issue started from: MXNet's fusion made it lose 28
     points, and tune ran 28 trials without reaching 0.35."""
-    images, labels = data
+    images, labels = slice_data
     calib = [mx.nd.array(images[i:i + 32]) for i in range(0, CALIB, 32)]
     test_images, test_labels = images[CALIB:], labels[CALIB:]
     result = gluon_int8.tune(fashion_mnist.get_model('preact_resnet'), calib,

@@ -25,12 +25,6 @@ SLICE_ACCURACY_FLOOR = {
 }
 
 
-@pytest.fixture(scope="module")
-def slice_data():
-    """The bundled slice (images, labels)."""
-    return fm.bundled_slice()
-
-
 def test_bundled_slice_shape(slice_data):
     images, labels = slice_data
     assert images.shape == (1000, 1, 28, 28)

@@ -25,7 +25,8 @@ from gluon_int8.table import CalibrationTable
 from gluon_int8.trace import build_symbol_block, trace
 from gluon_int8_samples import fashion_mnist as fm
 from conftest import (ConcatBlock, ConvBNAct, ConvBNSum, DenseBlock, DepthwiseBlock, PoolBlock,
-                      ShuffleBlock, TwoInputs, TwoOutputs, as_list, cosine, make_net)
+                      ShuffleBlock, TwoInputs, TwoOutputs, as_list, cosine, exported_pool_net,
+                      make_net)
 
 
 class PreActBlock(nn.HybridBlock):
@@ -342,12 +343,7 @@ def test_a_failed_write_keeps_the_previous_model(convbnsum, tmp_path, monkeypatc
 # -- the CLI and evaluation -----------------------------------------------------------------
 
 def test_cli_quantize_format_onnx_then_load_it(tmp_path, capsys):
-    net, _ = make_net(PoolBlock, (2, 3, 16, 16))
-    net.hybridize()
-    data = mx.nd.random.uniform(-1, 1, shape=(16, 3, 16, 16))
-    net(data)
-    net.export(str(tmp_path / 'fp32'))
-    np.save(str(tmp_path / 'calib.npy'), data.asnumpy())
+    net, data = exported_pool_net(tmp_path)
     out = str(tmp_path / 'cq')
     assert main(['quantize', '--prefix', str(tmp_path / 'fp32'), '--calib-data',
                  str(tmp_path / 'calib.npy'), '--batch-size', '8', '--mode', 'naive',
@@ -374,11 +370,6 @@ def test_cli_quantize_format_onnx_then_load_it(tmp_path, capsys):
 SLICE_MIN_COSINE = 0.995
 SLICE_COSINE_SLACK = 0.0005
 SLICE_MAX_DROP = 0.6
-
-
-@pytest.fixture(scope='module')
-def slice_data():
-    return fm.bundled_slice()
 
 
 @pytest.mark.slow

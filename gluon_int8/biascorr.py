@@ -28,7 +28,7 @@ import numpy as np
 
 from .op_table import cpu_isa
 from .plan import PREFIX, GraphView, tensor_dtypes
-from .observe import run_outputs
+from .observe import in_budget, run_outputs
 from .selfcheck import _fold_conv, _oracle_params, _rounded
 from .trace import TracedGraph
 
@@ -198,14 +198,5 @@ def _chunks(layers: List[_Layer], internals, data_names, batch) -> List[List[_La
     """Layers in groups whose FP32 inputs fit :data:`CHUNK_VALUES` together."""
     shapes = dict(zip(internals.list_outputs(), internals.infer_shape_partial(
         **{n: b.shape for n, b in zip(data_names, batch)})[1]))
-    chunks, current, size, seen = [], [], 0, set()
-    for layer in layers:
-        n = 0 if layer.source in seen else int(np.prod(shapes.get(layer.source) or (1,)))
-        if current and size + n > CHUNK_VALUES:
-            chunks.append(current)
-            current, size, seen = [], 0, set()
-            n = int(np.prod(shapes.get(layer.source) or (1,)))
-        current.append(layer)
-        seen.add(layer.source)
-        size += n
-    return chunks + ([current] if current else [])
+    return in_budget(layers, lambda layer: int(np.prod(shapes.get(layer.source) or (1,))),
+                     CHUNK_VALUES, key=lambda layer: layer.source)

@@ -199,6 +199,24 @@ class Watcher:
             yield name, host_view(out, shape, dtype)
 
 
+def in_budget(items: Sequence, size, budget: int, key=None) -> List[list]:
+    """``items`` in consecutive groups whose ``size(item)`` add up to at most ``budget`` (an
+    item larger than the budget forms a group alone). Items of one ``key`` within a group
+    share what they read: only the first counts."""
+    groups, current, total, seen = [], [], 0, set()
+    for item in items:
+        tag = None if key is None else key(item)
+        n = 0 if tag is not None and tag in seen else size(item)
+        if current and total + n > budget:
+            groups.append(current)
+            current, total, seen = [], 0, set()
+            n = size(item)
+        current.append(item)
+        seen.add(tag)
+        total += n
+    return groups + ([current] if current else [])
+
+
 def _even_split(size: int, fits: int) -> int:
     """Examples per part: at most ``fits``, as even as can be (a static block replans its
     memory on every new shape): a divisor of ``size`` when one is close to ``fits``."""
@@ -220,4 +238,5 @@ def sub_batches(batch: Sequence[mx.nd.NDArray], size: int
 
 
 __all__: List[str] = ['Watcher', 'watch_symbol', 'run_outputs', 'host_view', 'batch_errors',
+                      'in_budget',
                       'sub_batches', 'MAX_BYTES']

@@ -29,7 +29,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 import mxnet as mx
 import numpy as np
 
-from .observe import run_outputs as _run
+from .observe import in_budget, run_outputs as _run
 from .plan import PREFIX, Rewrites, tensor_dtypes, GraphView, pattern_of
 
 log = logging.getLogger(__name__)
@@ -198,7 +198,7 @@ def check(qsym: mx.sym.Symbol, values: Mapping[str, mx.nd.NDArray],
     observed = _observe(qsym, values, aux, data_names, inputs, jobs)
     params = {k: v.asnumpy() for k, v in fp32_params.items()}
     results = []
-    for chunk in _chunks(jobs, observed):
+    for chunk in in_budget(jobs, lambda job: observed[job.output[0]].size, CHUNK_VALUES):
         results.extend(_compare(chunk, view, dtypes, observed, params, values, rewrites))
     return results
 
@@ -242,18 +242,6 @@ def _observe(qsym, values, aux, data_names, inputs, jobs) -> Dict[str, np.ndarra
                                      {**aux, **values}, copy=True)))
     observed.update({n: v.asnumpy() for n, v in zip(data_names, inputs)})
     return observed
-
-
-def _chunks(jobs: List[_Job], observed) -> List[List[_Job]]:
-    chunks, current, size = [], [], 0
-    for job in jobs:
-        n = observed[job.output[0]].size
-        if current and size + n > CHUNK_VALUES:
-            chunks.append(current)
-            current, size = [], 0
-        current.append(job)
-        size += n
-    return chunks + ([current] if current else [])
 
 
 def _grids(job: _Job, dtypes_in: Sequence[str]) -> List[bool]:

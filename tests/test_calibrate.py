@@ -16,7 +16,7 @@ from gluon_int8 import pipeline
 from gluon_int8.api import table_from_stats, validate
 from gluon_int8.calibrate import collect_statistics, min_max
 from gluon_int8.collectors import Collector, HistogramCollector, MinMaxCollector, Part
-from gluon_int8.observe import Watcher, sub_batches
+from gluon_int8.observe import Watcher, in_budget, sub_batches
 from gluon_int8.quantize_graph import graph_outputs, quantize_node_inputs
 from gluon_int8.trace import build_symbol_block
 from conftest import (ConcatBlock, ConvBNSum, DenseBlock, DepthwiseBlock, GatedReLU, PoolBlock,
@@ -273,3 +273,14 @@ def test_wrong_shapes_in_a_later_batch_name_the_batch():
     with pytest.raises(ValueError, match=r'calib_data: batch 2 with shapes \[\(4, 5, 12, 12\)\] '
                                          'does not fit the network'):
         new_statistics(prepared, data, HistogramCollector())
+
+
+def test_in_budget_groups_in_order_and_counts_a_shared_key_once():
+    sizes = {'a': 4, 'b': 5, 'c': 2, 'd': 9, 'e': 1}
+    assert in_budget('abcde', sizes.get, 8) == [['a'], ['b', 'c'], ['d'], ['e']]
+    # items of one key read the same tensor: only the first of a group counts
+    items = [('x', 6), ('x', 6), ('y', 2), ('x', 6)]
+    assert in_budget(items, lambda i: i[1], 8, key=lambda i: i[0]) == [items]
+    # a new group counts its key again
+    assert in_budget(items, lambda i: i[1], 7, key=lambda i: i[0]) == [items[:2], items[2:3],
+                                                                     items[3:]]

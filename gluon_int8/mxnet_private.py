@@ -2,7 +2,7 @@
 
 gluon-int8 needs a few things MXNet keeps behind underscores: the C calls of its
 quantization passes (``_LIB.MXQuantizeSymbol``, ``MXSetCalibTableToQuantizedSymbol``),
-the op-hook callback's raw handle, a Gluon block's traced graph (``_get_graph``,
+the address of an NDArray's memory (``MXNDArrayGetData``), a Gluon block's traced graph (``_get_graph``,
 ``_cached_graph``, ``_in_format``/``_out_format``, ``_reg_params``), the state of its
 parameters (``_deferred_init``, ``_data``, ``_load_init``, ``_reduce``), gluon's output
 regrouping (``_regroup``), a BatchNorm's constructor arguments (``_kwargs``) and the

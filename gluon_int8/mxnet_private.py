@@ -2,11 +2,11 @@
 
 gluon-int8 needs a few things MXNet keeps behind underscores: the C calls of its
 quantization passes (``_LIB.MXQuantizeSymbol``, ``MXSetCalibTableToQuantizedSymbol``),
-the address of an NDArray's memory (``MXNDArrayGetData``), a Gluon block's traced graph (``_get_graph``,
-``_cached_graph``, ``_in_format``/``_out_format``, ``_reg_params``), the state of its
-parameters (``_deferred_init``, ``_data``, ``_load_init``, ``_reduce``), gluon's output
-regrouping (``_regroup``), a BatchNorm's constructor arguments (``_kwargs``) and the
-ONNX converter's graph builder (``MXNetGraph``). Each is wrapped here by a function with
+the address of an NDArray's memory (``MXNDArrayGetData``), a Gluon block's traced graph
+(``_get_graph``, ``_cached_graph``, ``_in_format``/``_out_format``, ``_reg_params``), the
+state of its parameters (``_deferred_init``, ``_data``, ``_load_init``, ``_reduce``),
+gluon's output regrouping (``_regroup``), a BatchNorm's constructor arguments
+(``_kwargs``) and the ONNX converter's graph builder (``MXNetGraph``). Each is wrapped here by a function with
 a plain signature, so the rest of the package uses public names only and a new MXNet
 version has one module to check.
 """

@@ -58,7 +58,14 @@ class Part:
 
 
 class Collector(abc.ABC):
-    """Base class of all collectors: ``collect`` gathers, ``finalize`` reports."""
+    """Base class of all collectors: ``collect`` gathers, ``finalize`` reports.
+
+    Calls for one layer always come in order. A collector whose ``layers_in_parallel``
+    is True may get calls for different layers at the same time, from threads
+    (calibration reads the tensors of one forward pass on every core); the default,
+    False, keeps every call on one thread, as a user collector may need."""
+
+    layers_in_parallel = False
 
     @abc.abstractmethod
     def collect(self, name: str, op_name: str, arr: np.ndarray) -> None:
@@ -86,6 +93,8 @@ class Collector(abc.ABC):
 
 class MinMaxCollector(Collector):
     """Running min and max of every layer output (enough for ``mode='naive'``)."""
+
+    layers_in_parallel = True  # one list per layer, made by the layer's first call
 
     def __init__(self):
         self._ranges: Dict[str, list] = {}
@@ -181,6 +190,8 @@ class HistogramCollector(Collector):
         exact over every element. ``None`` histograms everything (slower: about 5 ns per
         element on one core, against 0.3 ns for min/max).
     """
+
+    layers_in_parallel = True  # state per layer (``_hist``/``_pending`` entries)
 
     def __init__(self, num_bins: int = DEFAULT_NUM_BINS, max_samples: Optional[int] = 1 << 20):
         if num_bins < 256 or num_bins & (num_bins - 1):  # _grow_to merges 2**k bins

@@ -3,6 +3,8 @@ op hooks it replaced, bit for bit where a batch is read whole, within one histog
 where batches are split; parts of a batch give a collector the batch's statistics."""
 import ctypes
 import math
+import os
+import threading
 import warnings
 
 import mxnet as mx
@@ -14,7 +16,7 @@ from mxnet.gluon import nn
 import gluon_int8
 from gluon_int8 import pipeline
 from gluon_int8.api import table_from_stats, validate
-from gluon_int8.calibrate import collect_statistics, min_max
+from gluon_int8.calibrate import collect_statistics, min_max, stat_threads
 from gluon_int8.collectors import Collector, HistogramCollector, MinMaxCollector, Part
 from gluon_int8.observe import Watcher, in_budget, sub_batches
 from gluon_int8.quantize_graph import graph_outputs, quantize_node_inputs
@@ -76,9 +78,10 @@ def hook_statistics(prepared, batches, collector):
     return collector.finalize()
 
 
-def new_statistics(prepared, batches, collector, max_bytes=None):
+def new_statistics(prepared, batches, collector, max_bytes=None, threads=1):
     traced = prepared.traced
-    options = {} if max_bytes is None else {'max_bytes': max_bytes}
+    options = {'threads': threads} if max_bytes is None else {'max_bytes': max_bytes,
+                                                               'threads': threads}
     return collect_statistics(prepared.plan.fused, traced.data_names, traced.arg_params,
                               traced.aux_params, prepared.statistics_layers(), batches,
                               collector, **options)
@@ -112,13 +115,16 @@ CASES = [(ConvBNSum, [(3, 12, 12)]), (ConcatBlock, [(3, 12, 12)]),
 
 @pytest.mark.parametrize('cls, shape', CASES, ids=[c.__name__ for c, _ in CASES])
 def test_tables_equal_the_op_hook_tables_bit_for_bit(cls, shape):
+    """Read on one thread or on three (layers in parallel): the same bits."""
     prepared, data = prepared_case(cls, shape)
     old = hook_statistics(prepared, data, HistogramCollector())
-    new = new_statistics(prepared, data, HistogramCollector())
-    assert sorted(old) == sorted(new) == sorted(prepared.statistics_layers())
-    assert [n for n in old if not same_stats(old[n], new[n])] == []
-    for mode in MODES:
-        assert table(prepared, old, mode).ranges == table(prepared, new, mode).ranges, mode
+    for threads in (1, 3):
+        new = new_statistics(prepared, data, HistogramCollector(), threads=threads)
+        assert sorted(old) == sorted(new) == sorted(prepared.statistics_layers())
+        assert [n for n in old if not same_stats(old[n], new[n])] == [], threads
+        for mode in MODES:
+            assert table(prepared, old, mode).ranges == table(prepared, new, mode).ranges, \
+                (mode, threads)
 
 
 @pytest.mark.parametrize('cls, shape', CASES, ids=[c.__name__ for c, _ in CASES])
@@ -134,7 +140,7 @@ def test_split_batches_stay_within_one_bin_and_are_exact_but_for_the_fc(cls, sha
         watcher = Watcher(prepared.plan.fused, names, prepared.data_names, prepared.params,
                           max_bytes=budget)
         assert watcher.sub_batch(data[0]) == 2
-    new = new_statistics(prepared, data, HistogramCollector(), max_bytes=budget)
+    new = new_statistics(prepared, data, HistogramCollector(), max_bytes=budget, threads=3)
     differ = [n for n in old if not same_stats(old[n], new[n])]
     assert all('fully_connected' in n for n in differ), differ
     for name in differ:
@@ -238,6 +244,39 @@ def test_minmax_collector_takes_parts_and_user_collectors_get_copies():
     np.testing.assert_array_equal(keeps.kept, view)
 
 
+def test_a_user_collector_is_called_on_one_thread_the_built_in_ones_on_many():
+    prepared, data = prepared_case(ConcatBlock, [(3, 12, 12)])
+
+    class Threads(MinMaxCollector):
+        layers_in_parallel = False
+
+        def __init__(self):
+            super().__init__()
+            self.threads = set()
+
+        def collect_range(self, name, op_name, arr, lo, hi):
+            self.threads.add(threading.get_ident())
+            super().collect_range(name, op_name, arr, lo, hi)
+
+    user = Threads()
+    new_statistics(prepared, data, user, threads=3)
+    assert user.threads == {threading.get_ident()}
+    built_in = type('BuiltIn', (Threads,), {'layers_in_parallel': True})()
+    stats = new_statistics(prepared, data, built_in, threads=3)
+    assert len(built_in.threads) > 1
+    assert stats == new_statistics(prepared, data, MinMaxCollector(), threads=1)
+
+
+def test_stat_threads_follow_omp_num_threads(monkeypatch):
+    cpus = len(os.sched_getaffinity(0))
+    monkeypatch.setenv('OMP_NUM_THREADS', '1')
+    assert stat_threads() == 1
+    monkeypatch.setenv('OMP_NUM_THREADS', '999')
+    assert stat_threads() == cpus
+    monkeypatch.delenv('OMP_NUM_THREADS')
+    assert stat_threads() == cpus
+
+
 def test_zeros_are_exact_zeros():
     arr = np.array([0.0, -0.0, 1e-30, -1e-30, 2.0, 0.0], dtype=np.float32)
     collector = HistogramCollector(num_bins=256, max_samples=None)
@@ -264,7 +303,7 @@ def test_inf_in_a_later_part_names_the_layer_and_the_batch():
                                          r"batch 2"):
         collect_statistics(conv, ['data'], {'c_weight': mx.nd.ones((2, 3, 1, 1))}, {},
                            ['data', 'c_output'], batches, HistogramCollector(),
-                           max_bytes=1)  # parts of one example
+                           max_bytes=1, threads=2)  # parts of one example, two threads
 
 
 def test_wrong_shapes_in_a_later_batch_name_the_batch():

@@ -22,9 +22,9 @@ export OMP_NUM_THREADS := $(THREADS)
 demo: .venv/.installed
 	$(PY) examples/demo.py
 
-# one OpenMP thread: on AVX2 CPUs without VNNI, MXNet 1.9.1's INT8 1x1 stride-2 conv gives
-# outputs that differ from run to run with 2 threads (README, "Status"); the tests check
-# our code's results exactly, so they run where oneDNN is deterministic
+# one OpenMP thread: the tests check our code's results exactly, across processes; oneDNN's
+# INT8 strided 1x1 conv was not deterministic with 2 threads on AVX2 (now rewritten, see
+# README "What is promised"), and no other kernel was proven to be
 test: .venv/.installed
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q
 

@@ -165,6 +165,8 @@ _LAYOUTS = {
     'transpose': lambda F, y: F.transpose(y, axes=(0, 2, 3, 1)),
     'SliceChannel': lambda F, y: F.split(y, num_outputs=2, axis=1)[1],
     'expand_dims': lambda F, y: F.expand_dims(y, axis=1),
+    # with a step: what fuse.canonicalize puts before a strided 1x1 conv
+    'slice': lambda F, y: F.slice(y, begin=(None,) * 4, end=(None,) * 4, step=(1, 1, 2, 2)),
 }
 
 

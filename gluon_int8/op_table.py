@@ -97,7 +97,7 @@ ENTRIES: Tuple[Entry, ...] = tuple(
        for c in _combos(DTYPES, DTYPES)]
     + [Entry('concat', c) for c in (('u8',), ('s8',), ('s8', 'u8'))]
     + [Entry('layout:' + op, c) for op in ('Reshape', 'SwapAxis', 'transpose', 'SliceChannel',
-                                          'expand_dims') for c in _combos(DTYPES)])
+                                          'expand_dims', 'slice') for c in _combos(DTYPES)])
 ENTRY_KEYS = frozenset(e.key for e in ENTRIES)
 _PATTERN_NAMES = frozenset(e.pattern for e in ENTRIES)
 
@@ -180,6 +180,8 @@ RECORDED: Dict[str, Dict[str, Result]] = {
         'layout:SliceChannel(s8)': Result('ok', 0.5, 's8'),
         'layout:expand_dims(u8)': Result('ok', 0.5, 'u8'),
         'layout:expand_dims(s8)': Result('ok', 0.5, 's8'),
+        'layout:slice(u8)': Result('ok', 0.5, 'u8'),
+        'layout:slice(s8)': Result('ok', 0.5, 's8'),
     },
 }
 
@@ -203,7 +205,7 @@ RANGE_CARRYING = frozenset(['Pooling', 'Flatten', 'Concat', 'concat', 'Reshape',
 # their input's range (gluon-int8 rewrites them onto the int8 tensor where the table says
 # the plain MXNet op does so exactly)
 LAYOUT_OPS = frozenset(['Reshape', 'SwapAxis', 'transpose', 'SliceChannel', 'expand_dims',
-                        'squeeze', 'slice_axis'])
+                        'squeeze', 'slice_axis', 'slice'])
 QUANTIZE, DEQUANTIZE, REQUANTIZE = ('_contrib_quantize_v2', '_contrib_dequantize',
                                     '_contrib_requantize')
 CONVERSIONS = frozenset([QUANTIZE, DEQUANTIZE, REQUANTIZE])

@@ -393,5 +393,6 @@ def test_family_on_onnx_runtime_and_openvino(family, slice_data, tmp_path):
         assert cosine(got, want) >= SLICE_MIN_COSINE, runtime
         assert cosine(got, fp32) >= cosine(want, fp32) - SLICE_COSINE_SLACK, runtime
         top1[runtime] = fm.evaluate(block, images, labels)
-    assert abs(top1['onnxruntime'] - top1['openvino']) <= 0.002, top1
+    # at most 2 of the slice's images apart (0.2 points), counted in images
+    assert round(abs(top1['onnxruntime'] - top1['openvino']) * len(images)) <= 2, top1
     assert top1['fp32'] - top1['onnxruntime'] <= SLICE_MAX_DROP / 100, top1

@@ -26,7 +26,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 import mxnet as mx
 import numpy as np
 
-from .op_table import cpu_isa
+from .op_table import has_vnni
 from .plan import PREFIX, GraphView, tensor_dtypes
 from .observe import in_budget, run_outputs
 from .selfcheck import _fold_conv, _oracle_params, _rounded
@@ -142,7 +142,7 @@ def _layers(qsym, fused, params, values, data_names, ranges) -> List[_Layer]:
     view, dtypes = GraphView(qsym), tensor_dtypes(qsym, data_names)
     fp32 = GraphView(fused)
     by_name = {n['name']: (i, n) for i, n in enumerate(fp32.nodes)}
-    half = 'vnni' not in cpu_isa()  # oneDNN halves its weight scale for s8 sources then
+    half = not has_vnni()  # oneDNN halves its weight scale for s8 sources then
     layers = []
     for index in view.int8_nodes():
         node = view.nodes[index]

@@ -352,8 +352,8 @@ def weight_levels(weight_bits) -> int:
     as MXNet's oneDNN kernels do (the op table's ``reduce`` remedy); measured on the
     shipped ResNet: 8-bit weights cost ONNX Runtime 0.6 points on the bundled slice."""
     if weight_bits == 'auto':
-        from .op_table import cpu_isa  # pylint: disable=import-outside-toplevel
-        return 127 if 'vnni' in cpu_isa() else 63
+        from .op_table import has_vnni  # pylint: disable=import-outside-toplevel
+        return 127 if has_vnni() else 63
     return {8: 127, 7: 63, 6: 31}[weight_bits]
 
 

@@ -308,6 +308,13 @@ def cpu_isa() -> str:
     return isa
 
 
+def has_vnni() -> bool:
+    """Whether oneDNN's int8 kernels here have VNNI (int32 dot products). Without it, x86
+    u8 x s8 products are added in pairs in int16 and saturate, and oneDNN halves the
+    weight scale of a conv whose source is s8 (7-bit weights)."""
+    return 'vnni' in cpu_isa()
+
+
 def machine() -> str:
     """The key of this machine's column: MXNet version and ISA."""
     return 'mxnet-%s/%s' % (mx.__version__, cpu_isa())

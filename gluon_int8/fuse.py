@@ -83,7 +83,8 @@ def _tuple(attrs: dict, key: str, default: Tuple[int, ...]) -> Tuple[int, ...]:
 
 
 def _strided_pointwise(node: dict) -> bool:
-    """A 2-d 1x1 convolution (no dilation, no padding) with a stride above 1."""
+    """A 2-d 1x1 convolution without padding (dilation does not change it) with a stride
+    above 1."""
     attrs = node.get('attrs', {})
     if node['op'] != 'Convolution' or _tuple(attrs, 'kernel', ()) != (1, 1):
         return False

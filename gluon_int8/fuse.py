@@ -110,6 +110,11 @@ def _unit_stride(graph: dict, strided: Sequence[int]) -> dict:
             node['attrs'] = dict(node['attrs'], stride='(1, 1)')
         new_index[i] = len(order)
         order.append(node)
+    return _with_order(graph, order, new_index)
+
+
+def _with_order(graph: dict, order: List[dict], new_index: Dict[int, int]) -> dict:
+    """``graph`` with its nodes replaced by ``order`` (old node index -> ``new_index``)."""
     graph['nodes'] = order
     graph['arg_nodes'] = [i for i, n in enumerate(order) if n['op'] == 'null']
     graph['heads'] = [[new_index[src], out, ver] for src, out, ver in graph['heads']]
@@ -171,11 +176,7 @@ def _with_copies(graph: dict, copies: Dict[int, List[Tuple[int, int]]]) -> dict:
             copy['name'] = '%s%s%d' % (node['name'], COPY_SUFFIX, k)
             redirect[(consumer, slot)] = len(order)
             order.append(copy)
-    graph['nodes'] = order
-    graph['arg_nodes'] = [i for i, n in enumerate(order) if n['op'] == 'null']
-    graph['heads'] = [[new_index[src], out, ver] for src, out, ver in graph['heads']]
-    graph.pop('node_row_ptr', None)
-    return graph
+    return _with_order(graph, order, new_index)
 
 
 def fuse(symbol: mx.sym.Symbol, backend: str = QUANTIZE_BACKEND) -> mx.sym.Symbol:

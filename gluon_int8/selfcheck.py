@@ -246,10 +246,10 @@ def _observe(qsym, values, aux, data_names, inputs, jobs) -> Dict[str, np.ndarra
     return observed
 
 
-def _half_step(job: _Job, dtypes_in: Sequence[str]) -> bool:
+def _half_step(job: _Job, dtypes_in: Tuple[str, ...]) -> bool:
     """Whether the kernel computes with half-step weights: a conv with an s8 source on a
     CPU without VNNI (oneDNN's reorder halves the weight scale there)."""
-    return (job.fp32['op'] == '_sg_mkldnn_conv' and dtypes_in[:1] == ['s8']
+    return (job.fp32['op'] == '_sg_mkldnn_conv' and dtypes_in[:1] == ('s8',)
             and not has_vnni())
 
 
@@ -257,12 +257,12 @@ def _compare(jobs: List[_Job], view: GraphView, dtypes, observed, params, values
              rewrites: Rewrites) -> List[NodeCheck]:
     """Run the oracles of ``jobs`` in one bind; compare."""
     symbols, args, inputs = [], {}, {}
+    in_dtypes = [tuple(dtypes.get(i[0], 'f32') for i in job.inputs) for job in jobs]
     for j, job in enumerate(jobs):
-        in_dtypes = [dtypes[i[0]] if i[0] in dtypes else 'f32' for i in job.inputs]
         prefix = 'sc%d' % j
         symbols.append(_node_symbol(job.fp32, prefix))
         special = _oracle_params(job.fp32, view.nodes[job.index], job.param_names, params,
-                                 values, _half_step(job, in_dtypes))
+                                 values, _half_step(job, in_dtypes[j]))
         data = iter(job.inputs)
         for k, name in enumerate(job.param_names):
             var = '%s_%d' % (prefix, k)
@@ -275,7 +275,7 @@ def _compare(jobs: List[_Job], view: GraphView, dtypes, observed, params, values
     data = [n for n in group.list_inputs() if n in inputs]
     oracle = _run(group, None, data, [inputs[n] for n in data], args)
     results = []
-    for job, ref in zip(jobs, oracle):  # float32 values; sums in float64
+    for job, job_dtypes, ref in zip(jobs, in_dtypes, oracle):  # float32; sums in float64
         got, step, top = _dequantized(observed, dtypes, *job.output)
         if step is not None:  # saturating at its own range is what the node must do
             ref = np.clip(ref, 0.0 if dtypes[job.output[0]] == 'u8' else -top, top)
@@ -287,8 +287,7 @@ def _compare(jobs: List[_Job], view: GraphView, dtypes, observed, params, values
         signal = float(np.square(ref).sum(dtype=np.float64))
         sqnr = math.inf if noise == 0 else 10 * math.log10(max(signal, 1e-300) / noise)
         node = view.nodes[job.index]
-        in_dtypes = tuple(dtypes.get(i[0], 'f32') for i in job.inputs)
         results.append(NodeCheck(node['name'][len(PREFIX):], node['op'],
                                  pattern_of(node, view.weight(node), rewrites),
-                                 in_dtypes, round(error, 3), round(sqnr, 2)))
+                                 job_dtypes, round(error, 3), round(sqnr, 2)))
     return results

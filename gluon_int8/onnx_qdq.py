@@ -23,8 +23,18 @@ What is 8-bit is read from the INT8 graph MXNet runs (``plan_qdq``), never guess
   int32 at ``input scale x weight scale``.
 
 Activations are u8 (what ONNX Runtime's x86 kernels are fastest with): a tensor MXNet
-holds as uint8 (range ``[0, T]``) gets scale ``T/255`` and zero point 0, one it holds as
-int8 (``[-T, T]``) scale ``T/127`` and zero point 128, the same levels as MXNet's.
+holds as uint8 (range ``[0, T]``), or that is non-negative by construction (a ReLU'd
+conv's output, and pooling, concat and layout ops of such tensors only), gets scale
+``T/255`` and zero point 0; one MXNet holds as int8 (``[-T, T]``) scale ``T/127`` and
+zero point 128, the same levels as MXNet's.
+
+OpenVINO (2026.4, measured) runs an AveragePool that pads with zeros and counts them
+(``count_include_pad``) on the u8 codes of its 8-bit input, whatever zero point or 8-bit
+type the model gives, and pads with code 0, not with the zero point: under zero point 128
+the border outputs come out wrong. Such a pool of a signed 8-bit tensor is written as the
+depthwise Conv it equals (weights ``1/k``, the same pads and strides), which both runtimes
+compute right. InceptionV3's output cosine against FP32 on OpenVINO was 0.70 before its
+pools' inputs were known to be non-negative, which made them u8 with zero point 0.
 The plan's kernel workarounds for MXNet (u8 -> s8 converts, int8 pins, ReLUs made leaky
 so a conv emits int8, 7-bit FC weights, dropped ReLUs) are not carried over: the ONNX runtimes have their own
 kernels. An INT8 layer whose tensors cannot be found in the ONNX graph stays FP32 there
@@ -38,7 +48,7 @@ from typing import Dict, FrozenSet, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .op_table import DEQUANTIZE, QUANTIZE, REQUANTIZE
+from .op_table import DEQUANTIZE, LAYOUT_OPS, PASS_THROUGH, QUANTIZE, REQUANTIZE
 from .fuse import Unfused
 from .onnx_graph import UnsupportedOpError, onnx_tensor, readers
 from .plan import PREFIX, GraphView, restore_relus, tensor_dtypes
@@ -97,22 +107,39 @@ def plan_qdq(qsym, data_names: Sequence[str], table: CalibrationTable,
     for i, node in enumerate(view.nodes):
         for src, _, _ in node['inputs']:
             consumers.setdefault(src, []).append(i)
-    tensors = []
+    tensors, nonnegative = [], set()
     for i, node in enumerate(view.nodes):
         if node['op'] in ('null', DEQUANTIZE) or \
                 dtypes.get(view.output_name(i, 0)) not in ('u8', 's8'):
             continue
+        if _nonnegative(view, i, dtypes, relus, nonnegative):
+            nonnegative.add(view.output_name(i, 0))
         found = _tensor(view, i, consumers)
         if found is None:
             continue
         producer, index, readers_of = found
-        unsigned = dtypes[view.output_name(i, 0)] == 'u8' or (producer in relus and index == 0)
+        unsigned = view.output_name(i, 0) in nonnegative
         tensors.append(TensorQuant(producer, index, view.threshold(i, table.ranges), unsigned,
                                    readers_of))
     int8 = [_fused_name(view.nodes[i]['name']) for i in view.int8_nodes()]
     channel = frozenset(_fused_name(n['name']) for n in view.nodes
                         if n.get('attrs', {}).get('channel_wise_quantize') == 'true')
     return QDQPlan(tensors, int8, channel)
+
+
+def _nonnegative(view: GraphView, index: int, dtypes: Mapping[str, str],
+                 relus: FrozenSet[str], known: set) -> bool:
+    """Whether the 8-bit output of node ``index`` is never negative: MXNet holds it as
+    uint8, or it is a restored ReLU's conv output, or a pooling, concat, layout op or
+    requantize of such tensors only (``known``: the ones found so far)."""
+    node = view.nodes[index]
+    if dtypes[view.output_name(index, 0)] == 'u8' or _fused_name(node['name']) in relus:
+        return True
+    if node['op'] not in PASS_THROUGH | LAYOUT_OPS | {REQUANTIZE}:
+        return False
+    data = [view.output_name(src, out) for src, out, _ in node['inputs']
+            if dtypes.get(view.output_name(src, out)) in ('u8', 's8')]
+    return bool(data) and all(name in known for name in data)
 
 
 def _tensor(view: GraphView, index: int, consumers) -> Optional[Tuple[str, int, Optional[frozenset]]]:
@@ -373,10 +400,54 @@ def to_qdq(model, unfused: Unfused, plan: QDQPlan, data_names: Sequence[str],
     int8 = [n for n in plan.int8_layers if n not in problems]
     count = quantize_weights(g, int8, plan.channel_wise, weight_levels(weight_bits))
     _sort_topologically(model.graph)
+    pools = padded_pools_as_convs(g)
     remove_unused_initializers(model)
-    log.info('ONNX QDQ: %d 8-bit tensors, %d quantized weight ops', len(plan.tensors), count)
+    log.info('ONNX QDQ: %d 8-bit tensors, %d quantized weight ops, %d padded average pools '
+             'as depthwise convs', len(plan.tensors), count, pools)
     return [dataclasses.replace(row, dtype='fp32', reason=problems[row.name])
             if row.name in problems else row for row in layers]
+
+
+def _attributes(node) -> dict:
+    from onnx import helper  # pylint: disable=import-outside-toplevel
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _padded_average(node) -> bool:
+    """Whether ``node`` is an AveragePool that pads with zeros and counts them."""
+    attrs = _attributes(node)
+    return node.op_type == 'AveragePool' and bool(attrs.get('count_include_pad')) and \
+        any(attrs.get('pads', ())) and not attrs.get('ceil_mode')
+
+
+def padded_pools_as_convs(g: _Graph) -> int:
+    """Every zero-padded AveragePool that reads a signed 8-bit tensor (zero point not 0,
+    through grid-keeping ops) becomes the depthwise Conv it equals, for OpenVINO (see
+    the module docstring); returns how many. The graph is in topological order."""
+    from onnx import helper, numpy_helper, shape_inference  # pylint: disable=import-outside-toplevel
+    pools = []
+    for node in g.graph.node:
+        dq = _dq_of(g, node.input[0])[0] if _padded_average(node) else None
+        if dq is not None and int(numpy_helper.to_array(g.inits[dq.input[2]])) != 0:
+            pools.append(node)
+    if not pools:
+        return 0
+    shapes = {v.name: v.type.tensor_type.shape for v in
+              shape_inference.infer_shapes(g.model).graph.value_info}
+    for pool in pools:
+        attrs = _attributes(pool)
+        channels = shapes[pool.output[0]].dim[1].dim_value
+        kernel = list(attrs['kernel_shape'])
+        weight = pool.name + '_average_weight'
+        _add(g, [], [numpy_helper.from_array(np.full([channels, 1] + kernel, 1.0 / np.prod(kernel),
+                                                     dtype=np.float32), weight)])
+        del pool.attribute[:]
+        pool.attribute.extend(helper.make_attribute(k, v) for k, v in attrs.items()
+                              if k in ('kernel_shape', 'pads', 'strides'))
+        pool.attribute.append(helper.make_attribute('group', channels))
+        pool.op_type = 'Conv'
+        pool.input.append(weight)
+    return len(pools)
 
 
 def _op_of(layers: Sequence[LayerInfo], name: str) -> str:

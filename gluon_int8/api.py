@@ -24,7 +24,6 @@ from .block import QuantizedBlock
 from .calibrate import make_table
 from .collectors import DEFAULT_NUM_BINS, Collector, HistogramCollector, MinMaxCollector
 from .data import iter_batches
-from .fuse import tensor_names
 from .pipeline import SELF_CHECKS, Prepared
 from .quantize_graph import GRANULARITIES, quantize_node_inputs
 from .table import (CalibrationTable, check_ranges, check_reuse, check_table_argument,
@@ -278,7 +277,7 @@ def _calibration_table(prepared: Prepared, batches, opts: Options, calib_table, 
         return table
     stats = pipeline.calibrate(prepared, batches, opts.new_collector(), progress, total)
     table = table_from_stats(stats, opts, quantize_inputs, prepared.data_names,
-                             prepared.traced.fingerprint(), tensor_names(prepared.plan.fused))
+                             prepared.traced.fingerprint(), prepared.tensor_names())
     if calib_table is not None:  # a path: check_table_argument refused a table with data
         table.save(calib_table)
         log.info('saved calibration table to %s', calib_table)
@@ -291,7 +290,7 @@ def table_from_stats(stats, opts: Options, quantize_inputs, input_layers,
     """Statistics -> calibration table, the one way ``quantize_net`` and ``tune`` (which
     builds many tables from one calibration pass) both take; ``fingerprint`` binds it to
     the network calibrated (:func:`gluon_int8.table.fingerprint`); ``tensors`` names each
-    layer's tensor in the traced graph (:func:`gluon_int8.fuse.tensor_names`)."""
+    layer's tensor in the traced graph (:meth:`gluon_int8.pipeline.Prepared.tensor_names`)."""
     table = make_table(stats, opts.mode_name, opts.quantized_dtype, quantize_inputs,
                        input_layers, **opts.threshold_options())
     table.fingerprint = fingerprint

@@ -255,6 +255,12 @@ def _entries(old: int, new: int, node: dict) -> Dict[Tuple[int, int], Tuple[int,
     return {(old, k): (new, k) for k in range(count)}
 
 
+def traced_name(name: str) -> str:
+    """The traced graph's name of a tensor of a conv that :func:`guard` copied
+    (``conv0_fwd_fusecopy1_output`` -> ``conv0_fwd_output``); other names as they are."""
+    return _COPY.sub('', name)
+
+
 def tensor_names(fused: mx.sym.Symbol) -> Dict[str, str]:
     """Tensor name in the fused graph (``sg_mkldnn_conv_bn_act_0_output``) -> the same
     tensor's name in the traced graph (``conv0_relu_fwd_output``): a fused node's output
@@ -266,7 +272,7 @@ def tensor_names(fused: mx.sym.Symbol) -> Dict[str, str]:
     for node, idx, out_name in graph_outputs(fused):
         inner = unfused.heads.get((node, idx))
         if inner is not None and inner in traced:
-            found[out_name] = _COPY.sub('', traced[inner])
+            found[out_name] = traced_name(traced[inner])
         elif out_name == node:  # a variable: the network input keeps its name
             found[out_name] = out_name
     return found

@@ -17,6 +17,12 @@ What is 8-bit is read from the INT8 graph MXNet runs (``plan_qdq``), never guess
 * a tensor that a quantize node makes 8-bit for INT8 layers (the network input, the
   output of an FP32 layer): only those INT8 layers read the rounded values, FP32 readers
   read it as it is;
+* the value before the sum of an INT8 conv+sum, with its range from the table (which has
+  it since calibration collects it: :func:`gluon_int8.plan.presum_tensors`). MXNet never
+  writes it (oneDNN adds the sum inside the conv); the ONNX model rounds it once more, so
+  that the conv and the add run as INT8 kernels (ONNX Runtime ran ResNet50's 16 convs
+  before residual adds in float without it, at twice the latency). A table without it
+  (saved before) leaves those convs float;
 * the weights of INT8 convs (per output channel, as oneDNN's quantized conv always
   is) and FCs (per channel where the graph has ``channel_wise_quantize``, else per
   tensor): s8, symmetric, after the BatchNorm is folded in as MXNet folds it; biases
@@ -51,7 +57,7 @@ import numpy as np
 from .op_table import DEQUANTIZE, LAYOUT_OPS, PASS_THROUGH, QUANTIZE, REQUANTIZE
 from .fuse import Unfused
 from .onnx_graph import UnsupportedOpError, onnx_tensor, readers
-from .plan import PREFIX, GraphView, restore_relus, tensor_dtypes
+from .plan import PREFIX, GraphView, presum_tensors, restore_relus, tensor_dtypes
 from .quantize_graph import LayerInfo
 from .table import CalibrationTable
 
@@ -122,6 +128,11 @@ def plan_qdq(qsym, data_names: Sequence[str], table: CalibrationTable,
         tensors.append(TensorQuant(producer, index, view.threshold(i, table.ranges), unsigned,
                                    readers_of))
     int8 = [_fused_name(view.nodes[i]['name']) for i in view.int8_nodes()]
+    for node, tensor in presum_tensors(qsym).items():
+        if _fused_name(node) in int8 and tensor in table.ranges:
+            lo, hi = table.ranges[tensor]
+            tensors.append(TensorQuant(tensor[:-len('_output')], 0, max(abs(lo), abs(hi)),
+                                       lo >= 0, None))
     channel = frozenset(_fused_name(n['name']) for n in view.nodes
                         if n.get('attrs', {}).get('channel_wise_quantize') == 'true')
     return QDQPlan(tensors, int8, channel)
@@ -190,10 +201,11 @@ class _Graph:
         return None
 
     def tensor(self, fused_node: str, index: int) -> str:
-        """The ONNX tensor of a fused node's output (KeyError if there is none)."""
+        """The ONNX tensor of a fused node's output, or of a node inside a fused node
+        (named as in the unfused graph); KeyError if there is none."""
         if fused_node in self.data_names:
             return fused_node
-        unfused, out = self.unfused.heads[(fused_node, index)]
+        unfused, out = self.unfused.heads.get((fused_node, index), (fused_node, index))
         return onnx_tensor(self.names, unfused, out)
 
     def producer(self, tensor: str):

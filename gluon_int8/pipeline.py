@@ -23,10 +23,11 @@ from . import biascorr, selfcheck, weights
 from .block import QuantizedBlock
 from .calibrate import collect_statistics
 from .collectors import Collector, LayerStats
-from .fuse import fuse, verify
+from .fuse import fuse, tensor_names, traced_name, verify
 from .errors import first_line
 from .op_table import DETECTION_OPS
-from .plan import Plan, check_calibrated, finalize, plan_graph, ranges_in_graph
+from .plan import (Plan, check_calibrated, finalize, plan_graph, presum_tensors,
+                   ranges_in_graph, with_presums)
 from .quantize_graph import (Node, graph_nodes, graph_outputs, quantize_offline_params,
                              resolve_exclusions, summarize)
 from .report import fp32_reference
@@ -59,13 +60,27 @@ class Prepared:
     def params(self) -> Dict[str, mx.nd.NDArray]:
         return {**self.traced.aux_params, **self.traced.arg_params}
 
+    @property
+    def calibration_graph(self) -> mx.sym.Symbol:
+        """The graph calibration runs: the fused FP32 graph, with its convs' values before
+        their sums as more outputs (:func:`gluon_int8.plan.with_presums`)."""
+        return with_presums(self.plan.fused)
+
     def statistics_layers(self) -> List[str]:
-        """Tensors to calibrate: what the plan needs, and every INT8 layer's output."""
+        """Tensors to calibrate: what the plan needs, every INT8 layer's output, and the
+        value before the sum of each INT8 conv+sum (for the ONNX export, whose runtimes
+        quantize it: :func:`gluon_int8.plan.presum_tensors`)."""
         int8 = {n.name[len('quantized_'):] for n in graph_nodes(self.plan.qsym)
                 if n.name.startswith('quantized_')}
         outputs = [out for node, idx, out in graph_outputs(self.plan.fused)
                    if idx == 0 and node in int8]
-        return list(dict.fromkeys(list(self.plan.calib_layers) + outputs))
+        presums = [t for node, t in presum_tensors(self.plan.fused).items() if node in int8]
+        return list(dict.fromkeys(list(self.plan.calib_layers) + outputs + presums))
+
+    def tensor_names(self) -> Dict[str, str]:
+        """Each calibrated tensor's name in the traced graph."""
+        return {**tensor_names(self.plan.fused),
+                **{t: traced_name(t) for t in presum_tensors(self.plan.fused).values()}}
 
 
 def prepare(block, first_batch: Optional[Sequence[mx.nd.NDArray]], quantized_dtype: str,
@@ -119,9 +134,9 @@ def calibrate(prepared: Prepared, batches, collector: Collector, progress: bool 
               total: Optional[int] = None, layers: Optional[Sequence[str]] = None
               ) -> Dict[str, LayerStats]:
     """Statistics of ``layers`` (default: :meth:`Prepared.statistics_layers`) over the
-    batches, from the fused FP32 graph."""
+    batches, from :attr:`Prepared.calibration_graph`."""
     traced = prepared.traced
-    return collect_statistics(prepared.plan.fused, traced.data_names, traced.arg_params,
+    return collect_statistics(prepared.calibration_graph, traced.data_names, traced.arg_params,
                               traced.aux_params, layers or prepared.statistics_layers(),
                               batches, collector, progress, total)
 

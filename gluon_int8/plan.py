@@ -29,6 +29,7 @@ The first five change neither the graph MXNet quantizes nor what calibration nee
 its calibrated range, which is not known while planning: the plan holds for either
 dtype, and :func:`check_calibrated` looks again once the ranges are set.
 """
+import copy
 import dataclasses
 import json
 import logging
@@ -412,6 +413,73 @@ def split_postsum_act(fused: mx.sym.Symbol, name: str) -> mx.sym.Symbol:
     log.info('%s: its ReLU after the sum now runs as %s', name, act['name'])
     return mx.sym.load_json(json.dumps(
         _rebuild(graph, order, lambda n: links[id(n) if n is not None else None])))
+
+
+def _sum_parts(node: dict) -> Optional[Tuple[dict, list, int]]:
+    """Of a fused conv+sum node: (its inner elemwise_add, the add's input entry that is
+    the conv's value, the add's input slot of the sum), or None for another node."""
+    if node['op'] != '_sg_mkldnn_conv' or not _true(node.get('attrs', {}), 'with_sum'):
+        return None
+    inner = node['subgraphs'][0]['nodes']
+    add = next(n for n in inner if n['op'] == 'elemwise_add')
+    slot = next(k for k, (src, _, _) in enumerate(add['inputs']) if inner[src]['op'] == 'null')
+    return add, add['inputs'][1 - slot], slot
+
+
+def presum_tensors(fused: mx.sym.Symbol) -> Dict[str, str]:
+    """Fused conv+sum node -> the tensor of its conv's value before the sum, named as the
+    inner node that computes it (``batchnorm3_fwd_output``): a tensor MXNet never writes
+    (the sum is fused) but ONNX runtimes quantize (their conv and add are two ops)."""
+    found = {}
+    for node in json.loads(fused.tojson())['nodes']:
+        parts = _sum_parts(node)
+        if parts is not None:
+            src = node['subgraphs'][0]['nodes'][parts[1][0]]
+            found[node['name']] = src['name'] + '_output'
+    return found
+
+
+def with_presums(fused: mx.sym.Symbol) -> mx.sym.Symbol:
+    """``fused`` with one more output per conv+sum node: a copy of its conv without the
+    sum, named as its :func:`presum_tensors` tensor (for calibration). The graph's own
+    nodes are untouched, so every tensor they compute keeps its value bit for bit (a
+    split conv + add is not: oneDNN adds the bias and the sum in another order)."""
+    graph = json.loads(fused.tojson())
+    links = _linked(graph)
+    order = list(graph['nodes'])
+    for node in graph['nodes']:
+        parts = _sum_parts(node)
+        if parts is None:
+            continue
+        add, conv_entry, slot = parts
+        sub = copy.deepcopy(node['subgraphs'][0])
+        inner, sublinks = sub['nodes'], _linked(sub)
+        head = inner[conv_entry[0]]
+        keep = _ancestors(sub, conv_entry[0])
+        outer_slot = [i for i, n in enumerate(inner) if n['op'] == 'null'].index(
+            add['inputs'][slot][0])
+        _rebuild(sub, [n for i, n in enumerate(inner) if i in keep],
+                 lambda n, h=head, e=conv_entry: sublinks[id(n)] if n is not None
+                 else [(h, e[1], 0)])
+        conv = {'op': node['op'], 'name': head['name'], 'subgraphs': [sub],
+                'attrs': {k: v for k, v in node.get('attrs', {}).items()
+                          if k not in ('with_sum', 'with_postsum_act')}}
+        links[id(conv)] = [e for k, e in enumerate(links[id(node)]) if k != outer_slot]
+        links[None] = links[None] + [(conv, 0, 0)]
+        order.append(conv)
+    return mx.sym.load_json(json.dumps(
+        _rebuild(graph, order, lambda n: links[id(n) if n is not None else None])))
+
+
+def _ancestors(graph: dict, index: int) -> set:
+    """Indices of the nodes ``graph['nodes'][index]`` is computed from, itself included."""
+    found, todo = set(), [index]
+    while todo:
+        i = todo.pop()
+        if i not in found:
+            found.add(i)
+            todo.extend(src for src, _, _ in graph['nodes'][i]['inputs'])
+    return found
 
 
 # -- decisions -------------------------------------------------------------------------

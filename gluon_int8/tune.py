@@ -41,12 +41,12 @@ from mxnet.gluon import HybridBlock
 
 from . import pipeline
 from .api import Options, prepare, table_from_stats, validate
-from .fuse import tensor_names
 from .block import QuantizedBlock
 from .collectors import HistogramCollector
 from .data import iter_batches
 from .op_table import RANGE_CARRYING
 from .pipeline import Prepared
+from .plan import presum_tensors
 from .quantize_graph import GRANULARITIES, quantize_node_inputs
 from .thresholds import THRESHOLDS
 from .trace import count_inputs
@@ -302,7 +302,7 @@ class _Builder:
         opts = dataclasses.replace(self.opts, mode=mode, granularity=granularity)
         table = table_from_stats({n: self.stats[n] for n in layers if n in self.stats}, opts,
                                  quantize_node_inputs(prepared.plan.qsym), prepared.data_names,
-                                 prepared.traced.fingerprint(), tensor_names(prepared.plan.fused))
+                                 prepared.traced.fingerprint(), prepared.tensor_names())
         check = final or self.opts.self_check == 'fallback'
         return pipeline.convert(prepared, table, self.batches[0],
                                 self.opts.self_check if check else 'off',
@@ -494,12 +494,13 @@ class _Session:
 
 
 def _all_outputs(fused, data_names) -> List[str]:
-    """Graph inputs and every output of every compute node of the fused graph."""
+    """Graph inputs, every output of every compute node of the fused graph, and the
+    values before its sums (:func:`gluon_int8.plan.presum_tensors`)."""
     internals = fused.get_internals()
     inputs = set(fused.list_inputs())
     names = [out for i, out in enumerate(internals.list_outputs())
              if internals[i].name not in inputs]
-    return list(data_names) + names
+    return list(data_names) + names + list(presum_tensors(fused).values())
 
 
 def _units(fused, int8_layers) -> Dict[str, List[str]]:

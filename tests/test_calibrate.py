@@ -47,7 +47,7 @@ def hook_statistics(prepared, batches, collector):
     output copied out as numpy when its op ran: the mechanism calibration replaced."""
     layers = prepared.statistics_layers()
     wanted = {}
-    for node, idx, out in graph_outputs(prepared.plan.fused):
+    for node, idx, out in graph_outputs(prepared.calibration_graph):
         if out in layers:
             wanted[out] = wanted['%s_%d' % (node, idx)] = out
     errors = []
@@ -61,7 +61,7 @@ def hook_statistics(prepared, batches, collector):
             except Exception as err:  # noqa: BLE001 - must not escape into the C callback
                 errors.append(err)
 
-    block = build_symbol_block(prepared.plan.fused, prepared.data_names, prepared.params, {})
+    block = build_symbol_block(prepared.calibration_graph, prepared.data_names, prepared.params, {})
     block.hybridize()
     block.register_op_hook(hook, monitor_all=False)
     for batch in batches:
@@ -82,7 +82,7 @@ def new_statistics(prepared, batches, collector, max_bytes=None, threads=1):
     traced = prepared.traced
     options = {'threads': threads} if max_bytes is None else {'max_bytes': max_bytes,
                                                                'threads': threads}
-    return collect_statistics(prepared.plan.fused, traced.data_names, traced.arg_params,
+    return collect_statistics(prepared.calibration_graph, traced.data_names, traced.arg_params,
                               traced.aux_params, prepared.statistics_layers(), batches,
                               collector, **options)
 
@@ -137,7 +137,7 @@ def test_split_batches_stay_within_one_bin_and_are_exact_but_for_the_fc(cls, sha
     budget = _bytes_per_example(prepared, data[0]) * 2
     names = [n for n in prepared.statistics_layers() if n not in prepared.data_names]
     if names:
-        watcher = Watcher(prepared.plan.fused, names, prepared.data_names, prepared.params,
+        watcher = Watcher(prepared.calibration_graph, names, prepared.data_names, prepared.params,
                           max_bytes=budget)
         assert watcher.sub_batch(data[0]) == 2
     new = new_statistics(prepared, data, HistogramCollector(), max_bytes=budget, threads=3)
@@ -158,7 +158,7 @@ def test_split_batches_stay_within_one_bin_and_are_exact_but_for_the_fc(cls, sha
 
 
 def _bytes_per_example(prepared, batch):
-    fused = prepared.plan.fused.get_internals()
+    fused = prepared.calibration_graph.get_internals()
     shapes = dict(zip(fused.list_outputs(), fused.infer_shape(
         **{n: b.shape for n, b in zip(prepared.data_names, batch)})[1]))
     layers = [n for n in prepared.statistics_layers() if n not in prepared.data_names]
@@ -171,12 +171,12 @@ def test_a_batch_is_split_evenly_within_the_budget():
     per_example = _bytes_per_example(prepared, data[0])
     sizes = {}
     for examples in (12, 5, 4, 1):
-        watcher = Watcher(prepared.plan.fused, names, prepared.data_names, prepared.params,
+        watcher = Watcher(prepared.calibration_graph, names, prepared.data_names, prepared.params,
                           max_bytes=per_example * examples)
         sizes[examples] = watcher.sub_batch(data[0])
     # 12 fits whole; 5 -> a divisor of 12 close to 5 (4); 4 -> 4; 1 -> 1
     assert sizes == {12: 12, 5: 4, 4: 4, 1: 1}
-    watcher = Watcher(prepared.plan.fused, names, prepared.data_names, prepared.params,
+    watcher = Watcher(prepared.calibration_graph, names, prepared.data_names, prepared.params,
                       max_bytes=per_example * 7)
     assert watcher.sub_batch(data[0]) == 6  # no divisor close to 7: 2 parts of 6
     assert [s for s, _ in sub_batches(data[0], 5)] == [0, 5, 10]

@@ -413,9 +413,11 @@ def to_qdq(model, unfused: Unfused, plan: QDQPlan, data_names: Sequence[str],
     count = quantize_weights(g, int8, plan.channel_wise, weight_levels(weight_bits))
     _sort_topologically(model.graph)
     pools = padded_pools_as_convs(g)
+    strided = strides_back_in_convs(g)
     remove_unused_initializers(model)
     log.info('ONNX QDQ: %d 8-bit tensors, %d quantized weight ops, %d padded average pools '
-             'as depthwise convs', len(plan.tensors), count, pools)
+             'as depthwise convs, %d strided slices back in their convs', len(plan.tensors),
+             count, pools, strided)
     return [dataclasses.replace(row, dtype='fp32', reason=problems[row.name])
             if row.name in problems else row for row in layers]
 
@@ -460,6 +462,47 @@ def padded_pools_as_convs(g: _Graph) -> int:
         pool.op_type = 'Conv'
         pool.input.append(weight)
     return len(pools)
+
+
+def _strided_slice_step(g: _Graph, node) -> int:
+    """The step of a Slice that takes every s-th row and column of a whole NCHW tensor
+    (what :func:`gluon_int8.fuse.canonicalize` writes before a 1x1 conv), else 0."""
+    from onnx import numpy_helper  # pylint: disable=import-outside-toplevel
+    if node.op_type != 'Slice' or len(node.input) != 5 or \
+            not all(name in g.inits for name in node.input[1:]):
+        return 0
+    starts, ends, axes, steps = (numpy_helper.to_array(g.inits[n]).tolist()
+                                 for n in node.input[1:])
+    whole = starts == [0, 0, 0, 0] and min(ends) >= 2 ** 31 - 1 and axes == [0, 1, 2, 3]
+    step = steps[2]
+    return step if whole and steps == [1, 1, step, step] and step > 1 else 0
+
+
+def strides_back_in_convs(g: _Graph) -> int:
+    """Each strided Slice read only by a 1x1 Conv (stride 1, no padding) becomes that
+    Conv's stride again: MXNet's rewrite against oneDNN's nondeterministic INT8 strided
+    1x1 conv (:func:`gluon_int8.fuse.canonicalize`) is nothing the ONNX runtimes need,
+    and the slice costs them a pass over the tensor. Returns how many."""
+    from onnx import helper  # pylint: disable=import-outside-toplevel
+    uses, outputs, done = readers(g.graph), {o.name for o in g.graph.output}, []
+    for node in g.graph.node:
+        step = _strided_slice_step(g, node)
+        conv = uses.get(node.output[0], [None])[0] if step else None
+        if conv is None or len(uses[node.output[0]]) != 1 or node.output[0] in outputs \
+                or conv.op_type != 'Conv':
+            continue
+        attrs = _attributes(conv)
+        if attrs.get('kernel_shape') != [1, 1] or attrs.get('strides', [1, 1]) != [1, 1] or \
+                any(attrs.get('pads', ())) or attrs.get('dilations', [1, 1]) != [1, 1]:
+            continue
+        conv.input[0] = node.input[0]
+        del conv.attribute[:]
+        attrs['strides'] = [step, step]
+        conv.attribute.extend(helper.make_attribute(k, v) for k, v in attrs.items())
+        done.append(node)
+    for node in done:
+        g.graph.node.remove(node)
+    return len(done)
 
 
 def _op_of(layers: Sequence[LayerInfo], name: str) -> str:

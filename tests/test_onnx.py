@@ -6,6 +6,7 @@ OpenVINO agree with MXNet INT8); bad input (ops without a converter, layers the 
 graph cannot hold, files a runtime refuses, options); the CLI; and one test per shipped
 Fashion-MNIST family on the bundled slice.
 """
+import json
 import logging
 import os
 
@@ -89,8 +90,21 @@ class ReluAvgBlock(PaddedAvgBlock):
         super().__init__(True, **kwargs)
 
 
+class StridedPointwise(nn.HybridBlock):
+    """conv -> ReLU -> 1x1 conv of stride 2, which MXNet runs as a strided slice and a
+    1x1 conv of stride 1 (fuse.canonicalize) and the ONNX model as the conv it was."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.a = nn.Conv2D(8, 3, padding=1, activation='relu')
+        self.b = nn.Conv2D(16, 1, strides=2)
+
+    def hybrid_forward(self, F, x):
+        return self.b(self.a(x))
+
+
 BLOCKS = [ConvBNAct, ConvBNSum, ConcatBlock, DepthwiseBlock, PoolBlock, ShuffleBlock,
-          PreActBlock, SignedAvgBlock, ReluAvgBlock]
+          PreActBlock, SignedAvgBlock, ReluAvgBlock, StridedPointwise]
 SHAPE = (8, 3, 16, 16)
 
 
@@ -285,6 +299,17 @@ def test_a_zero_padded_average_pool_of_a_signed_tensor_is_a_depthwise_conv(tmp_p
     dq = producers[conv.input[0]]
     assert dq.op_type == 'DequantizeLinear' and int(inits[dq.input[2]]) == 128
     onnx.checker.check_model(model)
+
+
+def test_a_strided_1x1_conv_is_a_strided_conv_again_in_onnx(tmp_path):
+    _, qnet, _ = _qnet(StridedPointwise)
+    assert any(name.endswith('_stride') for name in qnet.fp32_graph.symbol.list_outputs()
+               + [n['name'] for n in json.loads(qnet.fp32_graph.symbol.tojson())['nodes']])
+    model = onnx.load(qnet.export(str(tmp_path / 'cq'), format='onnx')[0])
+    assert not any(n.op_type == 'Slice' for n in model.graph.node)
+    strides = [onnx.helper.get_attribute_value(a) for n in model.graph.node
+               if n.op_type == 'Conv' for a in n.attribute if a.name == 'strides']
+    assert sorted(strides) == [[1, 1], [2, 2]]
 
 
 def test_export_is_deterministic(convbnsum, tmp_path):

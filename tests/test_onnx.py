@@ -507,7 +507,8 @@ def test_cli_quantize_format_onnx_then_load_it(tmp_path, capsys):
 # measured on the slice (calibration: its first 160 images, entropy). Both runtimes' logits
 # within SLICE_MIN_COSINE of MXNet INT8's and at least as close to FP32's as MXNet INT8's
 # (less SLICE_COSINE_SLACK): on a CPU without VNNI, oneDNN halves MXNet's INT8 weights
-# (mobilenetv3: 0.9963 to FP32, the runtimes 0.9981, 0.9958 to MXNet INT8); the two
+# (mobilenetv3: MXNet INT8 0.9963 to FP32, the runtimes 0.9981 to FP32 and 0.9955-0.9958
+# to MXNet INT8); the two
 # runtimes' logits within SLICE_RUNTIMES_COSINE of each other (they round the values
 # before residual adds each their own way: mobilenetv3 0.99912, preact_resnet 0.99986;
 # top-1 on the slice then 9 and 3 images apart, on the 10k test set 3 and 7); top-1

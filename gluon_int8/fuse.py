@@ -186,7 +186,7 @@ def fuse(symbol: mx.sym.Symbol, backend: str = QUANTIZE_BACKEND) -> mx.sym.Symbo
 
 # -- the unfused graph -------------------------------------------------------------------
 
-def _subgraph_args(node: dict) -> List[int]:
+def subgraph_args(node: dict) -> List[int]:
     """The inner variable nodes of a fused node, in the order of its inputs."""
     sub = node['subgraphs'][0]
     args = sub.get('arg_nodes') or [i for i, n in enumerate(sub['nodes']) if n['op'] == 'null']
@@ -221,7 +221,7 @@ def unfuse(fused: mx.sym.Symbol) -> Unfused:
             where.update(_entries(i, len(order) - 1, node))
             continue
         sub = node['subgraphs'][0]
-        local = {(arg, 0): entry for arg, entry in zip(_subgraph_args(node), inputs)}
+        local = {(arg, 0): entry for arg, entry in zip(subgraph_args(node), inputs)}
         for j, inner in enumerate(sub['nodes']):
             if inner['op'] == 'null':
                 continue

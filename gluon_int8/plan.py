@@ -39,7 +39,7 @@ import mxnet as mx
 import numpy as np
 
 from . import op_table
-from .fuse import fuse
+from .fuse import fuse, subgraph_args
 from .quantize_graph import graph_outputs, quantize_symbol, set_calib_table
 
 log = logging.getLogger(__name__)
@@ -456,8 +456,7 @@ def with_presums(fused: mx.sym.Symbol) -> mx.sym.Symbol:
         inner, sublinks = sub['nodes'], _linked(sub)
         head = inner[conv_entry[0]]
         keep = _ancestors(sub, conv_entry[0])
-        outer_slot = [i for i, n in enumerate(inner) if n['op'] == 'null'].index(
-            add['inputs'][slot][0])
+        outer_slot = subgraph_args(node).index(add['inputs'][slot][0])
         _rebuild(sub, [n for i, n in enumerate(inner) if i in keep],
                  lambda n, h=head, e=conv_entry: sublinks[id(n)] if n is not None
                  else [(h, e[1], 0)])

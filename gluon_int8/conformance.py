@@ -86,6 +86,10 @@ def _conv():
     return nn.Conv2D(16, 3, padding=1, use_bias=False, in_channels=IMAGE[0])
 
 
+def _gconv():
+    return nn.Conv2D(16, 3, padding=1, groups=4, use_bias=False, in_channels=IMAGE[0])
+
+
 def _dense():
     return nn.Dense(32, use_bias=False, in_units=VECTOR[0])
 
@@ -110,9 +114,12 @@ def _pool(kind: str):
 def _network(pattern: str, num_inputs: int):
     base, _, form = pattern.partition('.')  # .w7, .ch, .wide: the same network
     act = _ACTS.get(form, _relu)
+    conv = _conv
+    if base.startswith('gconv'):  # the same probe with a grouped conv
+        base, conv = base[1:], _gconv
     one = {
-        'conv': (lambda s, F, x: F.flatten(s.c(x)), {'c': _conv}, IMAGE, '_sg_mkldnn_conv'),
-        'conv+act': (lambda s, F, x: F.flatten(act(F, s.c(x))), {'c': _conv}, IMAGE,
+        'conv': (lambda s, F, x: F.flatten(s.c(x)), {'c': conv}, IMAGE, '_sg_mkldnn_conv'),
+        'conv+act': (lambda s, F, x: F.flatten(act(F, s.c(x))), {'c': conv}, IMAGE,
                      '_sg_mkldnn_conv'),
         'fc': (lambda s, F, x: s.d(x), {'d': _dense}, VECTOR, '_sg_mkldnn_fully_connected'),
         'fc+act': (lambda s, F, x: F.flatten(_relu(F, s.d(x))), {'d': _dense}, VECTOR,
@@ -125,9 +132,9 @@ def _network(pattern: str, num_inputs: int):
         'flatten': (lambda s, F, x: F.flatten(x), {}, IMAGE, '_contrib_quantized_flatten'),
     }
     two = {
-        'conv+sum': (lambda s, F, x, y: F.flatten(s.c(x) + y), {'c': _conv}, IMAGE,
+        'conv+sum': (lambda s, F, x, y: F.flatten(s.c(x) + y), {'c': conv}, IMAGE,
                      '_sg_mkldnn_conv'),
-        'conv+sum+act': (lambda s, F, x, y: F.flatten(act(F, s.c(x) + y)), {'c': _conv},
+        'conv+sum+act': (lambda s, F, x, y: F.flatten(act(F, s.c(x) + y)), {'c': conv},
                          IMAGE, '_sg_mkldnn_conv'),
         'add': (lambda s, F, x, y: F.flatten(x + y), {}, IMAGE,
                 '_contrib_quantized_elemwise_add'),

@@ -12,7 +12,9 @@ an exact oracle):
 * ``crash``: it raises.
 
 Input dtype codes: ``s8`` (int8), ``u8`` (uint8). Patterns: ``conv``, ``conv+act``, ``conv+sum``, ``conv+sum+act`` (oneDNN conv
-with fused activation / residual sum / activation after the sum); ``fc``, ``fc+act``
+with fused activation / residual sum / activation after the sum; ``gconv...``: the same with a
+grouped conv, 1 < groups < filters, which oneDNN runs with other kernels: depthwise convs
+are ``conv``); ``fc``, ``fc+act``
 (with ``.w7``: 7-bit weights, ``.ch``: per-channel weights quantized by MXNet);
 ``pool:max``, ``pool:avg`` (``:global``); ``concat``, ``add``, ``mul``, ``batchnorm``,
 ``act:relu``, ``flatten``; ``mul.wide``: a multiply whose output range is the product of
@@ -85,9 +87,9 @@ def _combos(*choices) -> Iterable[Tuple[str, ...]]:
 DTYPES = ('u8', 's8')
 
 ENTRIES: Tuple[Entry, ...] = tuple(
-    [Entry(p, c) for p in ('conv', 'conv+act', 'conv+act.s', 'conv+act.clip')
+    [Entry(g + p, c) for g in ('', 'g') for p in ('conv', 'conv+act', 'conv+act.s', 'conv+act.clip')
      for c in _combos(DTYPES)]
-    + [Entry(p, c) for p in ('conv+sum', 'conv+sum+act', 'conv+sum+act.s')
+    + [Entry(g + p, c) for g in ('', 'g') for p in ('conv+sum', 'conv+sum+act', 'conv+sum+act.s')
        for c in _combos(DTYPES, DTYPES)]
     + [Entry(p, c) for p in ('fc', 'fc+act', 'fc.w7', 'fc+act.w7', 'fc.ch', 'fc+act.ch')
        for c in _combos(DTYPES)]
@@ -113,6 +115,14 @@ RECORDED: Dict[str, Dict[str, Result]] = {
         'conv+act.s(s8)': Result('ok', 0.5, 's8'),
         'conv+act.clip(u8)': Result('wrong', 130.18, 'u8'),
         'conv+act.clip(s8)': Result('wrong', 0.5, 'u8', 'biased: every value -0.28 steps off on average (truncation)'),
+        'gconv(u8)': Result('wrong', 42.01, 's8'),
+        'gconv(s8)': Result('wrong', 8.34, 's8'),
+        'gconv+act(u8)': Result('wrong', 90.81, 'u8'),
+        'gconv+act(s8)': Result('wrong', 9.8, 'u8'),
+        'gconv+act.s(u8)': Result('wrong', 31.5, 's8'),
+        'gconv+act.s(s8)': Result('wrong', 8.11, 's8'),
+        'gconv+act.clip(u8)': Result('wrong', 95.15, 'u8'),
+        'gconv+act.clip(s8)': Result('wrong', 26.53, 'u8'),
         'conv+sum(u8,u8)': Result('wrong', 253.5, 's8'),
         'conv+sum(u8,s8)': Result('wrong', 24.65, 's8'),
         'conv+sum(s8,u8)': Result('wrong', 253.5, 's8'),
@@ -125,6 +135,18 @@ RECORDED: Dict[str, Dict[str, Result]] = {
         'conv+sum+act.s(u8,s8)': Result('wrong', 19.94, 's8'),
         'conv+sum+act.s(s8,u8)': Result('wrong', 255.5, 's8'),
         'conv+sum+act.s(s8,s8)': Result('ok', 0.5, 's8'),
+        'gconv+sum(u8,u8)': Result('wrong', 255.5, 's8'),
+        'gconv+sum(u8,s8)': Result('wrong', 29.7, 's8'),
+        'gconv+sum(s8,u8)': Result('wrong', 255.5, 's8'),
+        'gconv+sum(s8,s8)': Result('wrong', 4.51, 's8'),
+        'gconv+sum+act(u8,u8)': Result('wrong', 59.52, 'u8'),
+        'gconv+sum+act(u8,s8)': Result('wrong', 128.5, 'u8'),
+        'gconv+sum+act(s8,u8)': Result('wrong', 17.64, 'u8'),
+        'gconv+sum+act(s8,s8)': Result('wrong', 128.5, 'u8'),
+        'gconv+sum+act.s(u8,u8)': Result('wrong', 255.5, 's8'),
+        'gconv+sum+act.s(u8,s8)': Result('wrong', 35.66, 's8'),
+        'gconv+sum+act.s(s8,u8)': Result('wrong', 255.35, 's8'),
+        'gconv+sum+act.s(s8,s8)': Result('wrong', 9.39, 's8'),
         'fc(u8)': Result('wrong', 15.52, 'f32'),
         'fc(s8)': Result('wrong', 17.74, 'f32'),
         'fc+act(u8)': Result('wrong', 32.54, 'u8'),
@@ -248,6 +270,14 @@ def act_form(node: dict) -> Optional[str]:
     return _ACT_FORMS.get((act['op'], attrs.get('act_type')))
 
 
+def grouped(node: dict) -> bool:
+    """Whether a fused conv node's conv is grouped and not depthwise (1 < groups <
+    filters)."""
+    conv = next(n for n in node['subgraphs'][0]['nodes'] if n['op'] == 'Convolution')
+    groups = int(conv['attrs'].get('num_group', '1'))
+    return 1 < groups < int(conv['attrs']['num_filter'])
+
+
 def pattern_of(node: dict, variant: str = '') -> Optional[str]:
     """The pattern of an INT8 node of a quantized graph (None: not an op the table
     knows). ``variant``: the form the plan gave it ('.w7', '.wide', '.rq'), where that
@@ -256,10 +286,11 @@ def pattern_of(node: dict, variant: str = '') -> Optional[str]:
     if op == '_sg_mkldnn_conv':
         if _true(attrs, 'with_act') and _true(attrs, 'with_sum'):
             return None  # conv+act+sum: MXNet 1.9.1 does not support it
+        head = 'gconv' if grouped(node) else 'conv'
         if not (_true(attrs, 'with_act') or _true(attrs, 'with_postsum_act')):
-            return 'conv' + ('+sum' if _true(attrs, 'with_sum') else '')
+            return head + ('+sum' if _true(attrs, 'with_sum') else '')
         form = act_form(node)
-        base = 'conv+sum+act' if _true(attrs, 'with_sum') else 'conv+act'
+        base = head + ('+sum+act' if _true(attrs, 'with_sum') else '+act')
         return base + form if form is not None and base + form in _PATTERN_NAMES else None
     if op == '_sg_mkldnn_fully_connected':
         if _true(attrs, 'with_eltwise') and act_form(node) != '':

@@ -674,7 +674,7 @@ def _decide(node: _Node, decision: _Decision, signable: FrozenSet[str] = frozens
         decision.signed.append(node.fp32)  # its own ReLU made leaky: an int8 output
         decision.note(node, 'emits int8 (leaky ReLU, slope %g)' % SIGNED_SLOPE)
         return
-    if pattern == 'conv+sum+act' and dtypes[1] != 'u8':
+    if pattern in ('conv+sum+act', 'gconv+sum+act') and dtypes[1] != 'u8':
         decision.split.append(node.fp32)
         decision.note(node, 'the ReLU after the sum runs as its own op')
         return

@@ -173,6 +173,39 @@ def test_self_check_error_is_half_a_step_on_correct_kernels():
         assert cosine(out_int8, out_fp32) > 0.99
 
 
+class GroupedPair(nn.HybridBlock):
+    """ShuffleNet's and ResNeSt's grouped convs (groups 3, 1x1; groups 2, 3x3 with a
+    residual sum) next to a depthwise one: oneDNN runs grouped convs with kernels of
+    their own (on AVX2 every INT8 variant of them is wrong, up to 24 output steps)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.stem = nn.Conv2D(24, 3, padding=1, use_bias=False)
+        self.g3 = nn.Conv2D(48, 1, groups=3, use_bias=False)
+        self.dw = nn.Conv2D(48, 3, padding=1, groups=48, use_bias=False)
+        self.g2 = nn.Conv2D(48, 3, padding=1, groups=2, use_bias=False)
+
+    def hybrid_forward(self, F, x):
+        y = self.dw(F.Activation(self.g3(self.stem(x)), act_type='relu'))
+        return self.g2(y) + y
+
+
+def test_grouped_convs_have_entries_of_their_own_and_quantize_within_0_999():
+    net, inputs = make_net(GroupedPair, (8, 3, 12, 12))
+    qnet = gluon_int8.quantize_net(net, [tuple(inputs)] * 2)
+    assert cosine(net(*inputs), qnet(*inputs)) >= 0.999
+    assert not [c for c in qnet.self_check if c.defect]
+    rows = {r.name: r for r in qnet.layers}
+    for grouped in ('sg_mkldnn_conv_act_1', 'sg_mkldnn_conv_add_3'):  # g3+ReLU, g2+sum
+        pattern = 'gconv+act' if grouped.endswith('_1') else 'gconv+sum'
+        ok = any(r.verdict == OK for k, r in op_table.results().items()
+                 if k.startswith(pattern + '(') or k.startswith(pattern + '.s('))
+        assert (rows[grouped].dtype == 'int8') == ok, rows[grouped]
+        if not ok:  # the reason names the grouped entry
+            assert re.search(r'INT8 gconv\+(act|sum)[.a-z]*\([su]8', rows[grouped].reason)
+    assert rows['sg_mkldnn_conv_2'].dtype == 'int8'  # depthwise: a 'conv' of the table
+
+
 class SqueezeExcite(nn.HybridBlock):
     """The end of an SE-ResNeXt: relu(x * gate + shortcut) -> global pool -> Dense. MXNet
     1.9.1's INT8 FullyConnected fails on its second batch-1 call after this INT8 chain

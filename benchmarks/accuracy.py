@@ -33,6 +33,7 @@ NNCF: convert_model + quantize).
         [--engines gluon-int8,mxnet-builtin,ort-minmax,ort-entropy,nncf]
         [--limit N]      # the first N test images only (development; not for the table)
         [--work DIR]     # keep the peers' ONNX models and arrays there (default: a temp dir)
+        [--merge]        # replace only these families x engines in the existing results
 
 Writes results/accuracy.json and results/accuracy.md and prints the markdown table.
 """
@@ -170,6 +171,17 @@ def markdown(rows, where, peers):
     return '\n'.join(lines)
 
 
+def merged(path, rows, engines, peers):
+    """The rows of ``path`` with those of the families and engines just run replaced by
+    ``rows``; its peers notes where no peer ran now."""
+    with open(path) as f:
+        old = json.load(f)
+    ran = {(r['family'], r.get('engine')) for r in rows} | \
+        {(r['family'], e) for r in rows for e in engines}
+    kept = [r for r in old['rows'] if (r['family'], r.get('engine')) not in ran]
+    return kept + rows, peers or old.get('peers')
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--families', default=','.join(sorted(fashion_mnist.MODELS)))
@@ -180,6 +192,9 @@ def main():
                         help="folder for the peers' ONNX models and arrays (default: a "
                              'temporary one, removed)')
     parser.add_argument('--out', default=os.path.join(ROOT, 'results'))
+    parser.add_argument('--merge', action='store_true',
+                        help="replace only the rows of --families x --engines in --out's "
+                             'accuracy.json and keep the others (with their peers notes)')
     args = parser.parse_args()
     engines = args.engines.split(',')
     unknown = sorted(set(engines) - set(ENGINES))
@@ -249,7 +264,10 @@ def main():
         if row['status'] == 'ok':
             row['delta'] = row['int8_top1'] - row['fp32_top1']
         rows.append(row)
-    rows.sort(key=lambda r: families.index(r['family']))  # stable: a family's rows together
+    if args.merge:
+        rows, peers = merged(os.path.join(args.out, 'accuracy.json'), rows, engines, peers)
+    order = families + sorted({r['family'] for r in rows} - set(families))
+    rows.sort(key=lambda r: order.index(r['family']))  # stable: a family's rows together
 
     where = 'full test set' if source == 'debian' else 'bundled test slice'
     where = ('first %d images of the %s' if args.limit else '%d-image %s') % (len(labels), where)

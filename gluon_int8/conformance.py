@@ -189,8 +189,12 @@ def _layout_network(entry: Entry):
 
 
 def _grid(rng, shape, dtype: str, threshold: float) -> np.ndarray:
+    """Values on the grid of ``dtype`` at ``threshold``, as the graph quantizes them: a
+    uint8 input's range is written wider by op_table.uint8_range_factor, so its codes
+    are every factor-th code of the full grid."""
     lo, hi = CODE_RANGE[dtype]
-    codes = rng.randint(lo, hi + 1, size=shape)
+    every = int(op_table.uint8_range_factor()) if dtype == 'u8' else 1
+    codes = rng.randint(lo // every, hi // every + 1, size=shape) * every
     return (codes * (threshold / LEVELS[dtype])).astype(np.float32)
 
 

@@ -54,7 +54,7 @@ from typing import Dict, FrozenSet, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .op_table import DEQUANTIZE, LAYOUT_OPS, PASS_THROUGH, QUANTIZE, REQUANTIZE
+from .op_table import DEQUANTIZE, LAYOUT_OPS, PASS_THROUGH, QUANTIZE, REQUANTIZE, uint8_range_factor
 from .fuse import Unfused
 from .onnx_graph import UnsupportedOpError, onnx_tensor, readers
 from .plan import PREFIX, GraphView, presum_tensors, restore_relus, tensor_dtypes
@@ -125,8 +125,10 @@ def plan_qdq(qsym, data_names: Sequence[str], table: CalibrationTable,
             continue
         producer, index, readers_of = found
         unsigned = view.output_name(i, 0) in nonnegative
-        tensors.append(TensorQuant(producer, index, view.threshold(i, table.ranges), unsigned,
-                                   readers_of))
+        threshold = view.threshold(i, table.ranges)  # a uint8 range as MXNet's kernels need it:
+        if dtypes[view.output_name(i, 0)] == 'u8':   # the runtimes take the calibrated one
+            threshold /= uint8_range_factor()
+        tensors.append(TensorQuant(producer, index, threshold, unsigned, readers_of))
     int8 = [_fused_name(view.nodes[i]['name']) for i in view.int8_nodes()]
     for node, tensor in presum_tensors(qsym).items():
         if _fused_name(node) in int8 and tensor in table.ranges:

@@ -20,7 +20,7 @@ import re
 from typing import Dict, Iterable, List, Mapping, Sequence, Tuple
 
 import mxnet as mx
-from . import mxnet_private
+from . import mxnet_private, op_table
 from .op_table import INT8_CAPABLE
 
 log = logging.getLogger(__name__)
@@ -169,10 +169,13 @@ def quantize_node_inputs(qsym: mx.sym.Symbol) -> List[str]:
 
 
 def set_calib_table(qsym: mx.sym.Symbol, ranges: Mapping[str, Tuple[float, float]]) -> mx.sym.Symbol:
-    """Write the (min, max) range of every calibrated layer output into ``qsym``."""
+    """Write the (min, max) range of every calibrated layer output into ``qsym``; a
+    non-negative (uint8) one at :func:`op_table.uint8_range_factor` times its threshold."""
+    factor = op_table.uint8_range_factor()
     names = list(ranges)
-    return mxnet_private.set_calib_table(qsym, names, [ranges[n][0] for n in names],
-                                         [ranges[n][1] for n in names])
+    return mxnet_private.set_calib_table(
+        qsym, names, [ranges[n][0] for n in names],
+        [ranges[n][1] * (factor if ranges[n][0] >= 0 else 1.0) for n in names])
 
 
 def quantize_offline_params(qsym: mx.sym.Symbol, arg_params: Mapping[str, mx.nd.NDArray],

@@ -80,7 +80,8 @@ class LayerRow:
     out: str                    # dtype of its output in the INT8 graph: u8, s8, s32, f32
     granularity: str            # weight scales: 'channel', 'tensor', or '-' (no weights)
     threshold: Optional[float]  # max(|lo|, |hi|) of the quantization range
-    range: Optional[Tuple[float, float]]     # calibration table: quantization range
+    range: Optional[Tuple[float, float]]     # calibration table: quantization range (uint8: written
+    # into the graph at op_table.uint8_range_factor() times it)
     observed: Optional[Tuple[float, float]]  # calibration table: calibrated min/max
     sqnr_db: Optional[float]    # None: the layer's output was not observed
     cosine: Optional[float]

@@ -56,6 +56,19 @@ def test_known_defects_stay_measured_as_defects(measured):
     assert measured['conv+sum+act(s8,u8)'].verdict == OK
 
 
+@pytest.mark.skipif(op_table.has_vnni(), reason='VNNI: uint8 at its full range is correct')
+def test_uint8_at_twice_its_threshold_is_what_keeps_a_conv_reading_it_correct(monkeypatch):
+    """Without VNNI, full-range uint8 codes saturate the int16 pair sums of u8 x s8
+    products; below 128 they cannot, so the graph writes uint8 ranges twice as wide."""
+    assert op_table.uint8_range_factor() == 2.0
+    for entry in (Entry('conv', ('u8',)), Entry('conv+act', ('u8',)), Entry('fc', ('u8',))):
+        assert conformance.measure(entry).verdict == OK, entry
+    monkeypatch.setattr(op_table, 'uint8_range_factor', lambda: 1.0)
+    for entry in (Entry('conv', ('u8',)), Entry('conv+act', ('u8',)), Entry('fc', ('u8',))):
+        found = conformance.measure(entry)
+        assert found.verdict == WRONG and found.error_steps > 10, (entry, found)
+
+
 # -- the plan's choices, on a table given by hand ----------------------------------------
 
 def fake_table(monkeypatch, ok):

@@ -9,6 +9,7 @@ import pytest
 from mxnet.gluon import nn
 
 import gluon_int8
+from gluon_int8 import op_table
 from gluon_int8.cli import main
 from gluon_int8.report import LayerRow, Report
 from conftest import ConvBNAct, PoolBlock, ShuffleBlock, make_net
@@ -67,9 +68,10 @@ def test_conv_relu_output_is_uint8_on_the_calibrated_grid():
     (row,) = report.rows
     lo, hi = qnet.calib_table.ranges[row.name + '_output']
     assert (row.out, row.range, row.threshold) == ('u8', (lo, hi), hi) and lo == 0.0
-    # the network output is the dequantized uint8 layer output: on the grid T / 255.5
+    # the network output is the dequantized uint8 layer output: on the grid T / 255.5,
+    # T the range written into the graph (twice the threshold on a CPU without VNNI)
     out = qnet(x).asnumpy().astype(np.float64)
-    codes = out * 255.5 / hi
+    codes = out * 255.5 / (hi * op_table.uint8_range_factor())
     np.testing.assert_allclose(codes, np.rint(codes), atol=1e-3)
     assert codes.min() >= 0 and codes.max() <= 255 + 1e-3
     sqnr, cos = sqnr_cos(net(x).asnumpy(), out)

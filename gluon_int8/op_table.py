@@ -87,8 +87,8 @@ def _combos(*choices) -> Iterable[Tuple[str, ...]]:
 DTYPES = ('u8', 's8')
 
 ENTRIES: Tuple[Entry, ...] = tuple(
-    [Entry(g + p, c) for g in ('', 'g') for p in ('conv', 'conv+act', 'conv+act.s', 'conv+act.clip')
-     for c in _combos(DTYPES)]
+    [Entry(g + p, c) for g in ('', 'g')
+     for p in ('conv', 'conv+act', 'conv+act.s', 'conv+act.clip') for c in _combos(DTYPES)]
     + [Entry(g + p, c) for g in ('', 'g') for p in ('conv+sum', 'conv+sum+act', 'conv+sum+act.s')
        for c in _combos(DTYPES, DTYPES)]
     + [Entry(p, c) for p in ('fc', 'fc+act', 'fc.w7', 'fc+act.w7', 'fc.ch', 'fc+act.ch')

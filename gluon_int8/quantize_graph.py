@@ -17,7 +17,7 @@ import fnmatch
 import json
 import logging
 import re
-from typing import Dict, Iterable, List, Mapping, Sequence, Tuple
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import mxnet as mx
 from . import mxnet_private, op_table
@@ -156,13 +156,15 @@ def graph_outputs(symbol: mx.sym.Symbol) -> List[Tuple[str, int, str]]:
     return rows
 
 
-def quantize_node_inputs(qsym: mx.sym.Symbol) -> List[str]:
-    """Names of the outputs that feed a quantize node (FP32 -> INT8 boundaries)."""
+def quantize_node_inputs(qsym: mx.sym.Symbol, out_type: Optional[str] = None) -> List[str]:
+    """Names of the outputs that feed a quantize node (FP32 -> INT8 boundaries); with
+    ``out_type``, only those of the quantize nodes that emit it."""
     output_name = {(node, idx): out for node, idx, out in graph_outputs(qsym)}
     nodes = json.loads(qsym.tojson())['nodes']
     names = []
     for node in nodes:
-        if node['op'] == '_contrib_quantize_v2':
+        if node['op'] == '_contrib_quantize_v2' and \
+                out_type in (None, node.get('attrs', {}).get('out_type', 'int8')):
             src, index, _ = node['inputs'][0]
             names.append(output_name[(nodes[src]['name'], index)])
     return names
@@ -170,12 +172,15 @@ def quantize_node_inputs(qsym: mx.sym.Symbol) -> List[str]:
 
 def set_calib_table(qsym: mx.sym.Symbol, ranges: Mapping[str, Tuple[float, float]]) -> mx.sym.Symbol:
     """Write the (min, max) range of every calibrated layer output into ``qsym``; a
-    non-negative (uint8) one at :func:`op_table.uint8_range_factor` times its threshold."""
+    non-negative one at :func:`op_table.uint8_range_factor` times its threshold, unless a
+    quantize node makes it int8 (which no kernel saturates on)."""
     factor = op_table.uint8_range_factor()
+    signed = frozenset(quantize_node_inputs(qsym, 'int8')) if factor != 1.0 else frozenset()
     names = list(ranges)
     return mxnet_private.set_calib_table(
         qsym, names, [ranges[n][0] for n in names],
-        [ranges[n][1] * (factor if ranges[n][0] >= 0 else 1.0) for n in names])
+        [ranges[n][1] * (factor if ranges[n][0] >= 0 and n not in signed else 1.0)
+         for n in names])
 
 
 def quantize_offline_params(qsym: mx.sym.Symbol, arg_params: Mapping[str, mx.nd.NDArray],

@@ -7,13 +7,16 @@ which entry). Where it has none, the library measures the table at run time, and
 test checks that every entry was measured and that every combination that is not ``ok``
 is remedied or kept FP32 by quantize_net.
 """
+import json
+
 import mxnet as mx
 import numpy as np
 import pytest
 
 import gluon_int8
-from gluon_int8 import conformance, op_table, plan
+from gluon_int8 import conformance, mxnet_private, op_table, plan
 from gluon_int8.op_table import CRASH, OK, WRONG, Entry, Result
+from conftest import ConvBNAct, make_net
 
 RECORDED = op_table.RECORDED.get(op_table.machine())
 
@@ -67,6 +70,26 @@ def test_uint8_at_twice_its_threshold_is_what_keeps_a_conv_reading_it_correct(mo
     for entry in (Entry('conv', ('u8',)), Entry('conv+act', ('u8',)), Entry('fc', ('u8',))):
         found = conformance.measure(entry)
         assert found.verdict == WRONG and found.error_steps > 10, (entry, found)
+
+
+def test_uint8_ranges_widen_and_an_int8_quantize_node_keeps_its_range():
+    """quantized_dtype='int8': the input's quantize node emits int8 at the threshold
+    (no kernel saturates on int8); the conv+ReLU's uint8 output is written at
+    uint8_range_factor times its threshold."""
+    net, _ = make_net(ConvBNAct, (2, 3, 12, 12))
+    x = mx.nd.random.uniform(0, 1, shape=(16, 3, 12, 12))
+    qnet = gluon_int8.quantize_net(net, x, quantized_dtype='int8')
+    ranges = qnet.calib_table.ranges
+    written = {n['op']: n['attrs'] for n in
+               json.loads(mxnet_private.cached_graph(qnet)[1].tojson())['nodes']
+               if 'max_calib_range' in n.get('attrs', {})}
+    assert written['_contrib_quantize_v2']['out_type'] == 'int8'
+    assert float(written['_contrib_quantize_v2']['max_calib_range']) == \
+        pytest.approx(ranges['data'][1], rel=1e-6)
+    (out,) = [hi for name, (lo, hi) in ranges.items() if name != 'data']
+    assert float(written['_sg_mkldnn_conv']['min_calib_range']) == 0.0
+    assert float(written['_sg_mkldnn_conv']['max_calib_range']) == \
+        pytest.approx(op_table.uint8_range_factor() * out, rel=1e-6)
 
 
 # -- the plan's choices, on a table given by hand ----------------------------------------

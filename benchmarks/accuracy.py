@@ -176,8 +176,7 @@ def merged(path, rows, engines, peers):
     ``rows``; its peers notes where no peer ran now."""
     with open(path) as f:
         old = json.load(f)
-    ran = {(r['family'], r.get('engine')) for r in rows} | \
-        {(r['family'], e) for r in rows for e in engines}
+    ran = {(r['family'], e) for r in rows for e in list(engines) + [None]}  # None: skipped
     kept = [r for r in old['rows'] if (r['family'], r.get('engine')) not in ran]
     return kept + rows, peers or old.get('peers')
 

@@ -84,19 +84,48 @@ def outputs_over(block, batches):
 
 def blame(qnet, tests):
     """What the self-check and the report blame: the INT8 node furthest from its FP32 op
-    (output steps), and the layer where the report's SQNR against FP32 falls most from
-    the layer before it."""
+    (output steps), and the layer whose SQNR against FP32 falls most below that of the
+    worst of its inputs (graph edges of the fused FP32 graph, not the order of the rows:
+    after an SE gate the row before a ``broadcast_mul`` is the gate's, whose SQNR an
+    added constant inflates)."""
     found = {}
     if qnet.self_check:
         worst = max(qnet.self_check, key=lambda c: c.error_steps)
         found['self_check_worst'] = [worst.layer, worst.pattern, worst.error_steps]
-    rows = [r for r in qnet.report(tests[:1]).rows
-            if r.sqnr_db is not None and r.sqnr_db != float('inf')]
-    drops = [(prev.sqnr_db - r.sqnr_db, r) for prev, r in zip(rows, rows[1:])]
+    rows = {r.name: r for r in qnet.report(tests[:1]).rows
+            if r.sqnr_db is not None and r.sqnr_db != float('inf')}
+    inputs = data_inputs(qnet.fp32_graph.symbol)
+    drops = []
+    for name, row in rows.items():
+        upstream = [s for s in (input_sqnr(i, rows, inputs) for i in inputs.get(name, ()))
+                    if s is not None]
+        if upstream:
+            drops.append((min(upstream) - row.sqnr_db, row))
     if drops:
         drop, row = max(drops, key=lambda d: d[0])
         found['report_largest_drop'] = [row.name, row.op, round(drop, 2), round(row.sqnr_db, 2)]
     return found
+
+
+def data_inputs(symbol):
+    """Node name -> the names of the (non-variable) nodes its inputs come from."""
+    nodes = json.loads(symbol.tojson())['nodes']
+    return {n['name']: [nodes[i]['name'] for i, _, *_ in n['inputs'] if nodes[i]['op'] != 'null']
+            for n in nodes}
+
+
+def input_sqnr(name, rows, inputs, seen=None):
+    """The SQNR a node's output carries: its report row's, else the worst of its own
+    inputs' (nodes the report has no row for); None for a graph input."""
+    if name in rows:
+        return rows[name].sqnr_db
+    seen = set() if seen is None else seen
+    if name in seen:
+        return None
+    seen.add(name)
+    found = [s for s in (input_sqnr(i, rows, inputs, seen) for i in inputs.get(name, ()))
+             if s is not None]
+    return min(found) if found else None
 
 
 def run_one(name, mode, timing=True):

@@ -90,42 +90,31 @@ def blame(qnet, tests):
     added constant inflates)."""
     found = {}
     if qnet.self_check:
-        worst = max(qnet.self_check, key=lambda c: c.error_steps)
-        found['self_check_worst'] = [worst.layer, worst.pattern, worst.error_steps]
+        check = max(qnet.self_check, key=lambda c: c.error_steps)
+        found['self_check_worst'] = [check.layer, check.pattern, check.error_steps]
     rows = {r.name: r for r in qnet.report(tests[:1]).rows
             if r.sqnr_db is not None and r.sqnr_db != float('inf')}
-    inputs = data_inputs(qnet.fp32_graph.symbol)
-    drops = []
-    for name, row in rows.items():
-        upstream = [s for s in (input_sqnr(i, rows, inputs) for i in inputs.get(name, ()))
-                    if s is not None]
-        if upstream:
-            drops.append((min(upstream) - row.sqnr_db, row))
+    worst = worst_inputs(qnet.fp32_graph.symbol, {n: r.sqnr_db for n, r in rows.items()})
+    drops = [(worst[name] - row.sqnr_db, row) for name, row in rows.items() if name in worst]
     if drops:
         drop, row = max(drops, key=lambda d: d[0])
         found['report_largest_drop'] = [row.name, row.op, round(drop, 2), round(row.sqnr_db, 2)]
     return found
 
 
-def data_inputs(symbol):
-    """Node name -> the names of the (non-variable) nodes its inputs come from."""
+def worst_inputs(symbol, sqnr):
+    """Node name -> the lowest SQNR among the tensors it reads, in one pass over the
+    (topologically ordered) nodes of ``symbol``: a node without an entry in ``sqnr``
+    carries the worst of its own inputs'; nodes that read only graph inputs are left out."""
     nodes = json.loads(symbol.tojson())['nodes']
-    return {n['name']: [nodes[i]['name'] for i, _, *_ in n['inputs'] if nodes[i]['op'] != 'null']
-            for n in nodes}
-
-
-def input_sqnr(name, rows, inputs, seen=None):
-    """The SQNR a node's output carries: its report row's, else the worst of its own
-    inputs' (nodes the report has no row for); None for a graph input."""
-    if name in rows:
-        return rows[name].sqnr_db
-    seen = set() if seen is None else seen
-    if name in seen:
-        return None
-    seen.add(name)
-    found = [s for s in (input_sqnr(i, rows, inputs, seen) for i in inputs.get(name, ()))
-             if s is not None]
-    return min(found) if found else None
+    carried, worst = {}, {}
+    for node in nodes:
+        found = [carried[nodes[i]['name']] for i, *_ in node['inputs']
+                 if carried[nodes[i]['name']] is not None]
+        if found:
+            worst[node['name']] = min(found)
+        carried[node['name']] = sqnr.get(node['name'], worst.get(node['name']))
+    return worst
 
 
 def run_one(name, mode, timing=True):

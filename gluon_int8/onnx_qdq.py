@@ -125,9 +125,9 @@ def plan_qdq(qsym, data_names: Sequence[str], table: CalibrationTable,
             continue
         producer, index, readers_of = found
         unsigned = view.output_name(i, 0) in nonnegative
-        threshold = view.threshold(i, table.ranges)  # a uint8 range as MXNet's kernels need it:
-        if dtypes[view.output_name(i, 0)] == 'u8':   # the runtimes take the calibrated one
-            threshold /= uint8_range_factor()
+        threshold = view.threshold(i, table.ranges)
+        if dtypes[view.output_name(i, 0)] == 'u8':  # written wider for MXNet's kernels;
+            threshold /= uint8_range_factor()        # the runtimes take the calibrated one
         tensors.append(TensorQuant(producer, index, threshold, unsigned, readers_of))
     int8 = [_fused_name(view.nodes[i]['name']) for i in view.int8_nodes()]
     for node, tensor in presum_tensors(qsym).items():

@@ -175,7 +175,7 @@ def set_calib_table(qsym: mx.sym.Symbol, ranges: Mapping[str, Tuple[float, float
     non-negative one at :func:`op_table.uint8_range_factor` times its threshold, unless a
     quantize node makes it int8 (which no kernel saturates on)."""
     factor = op_table.uint8_range_factor()
-    signed = frozenset(quantize_node_inputs(qsym, 'int8')) if factor != 1.0 else frozenset()
+    signed = frozenset(quantize_node_inputs(qsym, 'int8'))
     names = list(ranges)
     return mxnet_private.set_calib_table(
         qsym, names, [ranges[n][0] for n in names],

@@ -64,10 +64,11 @@ def test_uint8_at_twice_its_threshold_is_what_keeps_a_conv_reading_it_correct(mo
     """Without VNNI, full-range uint8 codes saturate the int16 pair sums of u8 x s8
     products; below 128 they cannot, so the graph writes uint8 ranges twice as wide."""
     assert op_table.uint8_range_factor() == 2.0
-    for entry in (Entry('conv', ('u8',)), Entry('conv+act', ('u8',)), Entry('fc', ('u8',))):
+    entries = [Entry(pattern, ('u8',)) for pattern in ('conv', 'conv+act', 'fc')]
+    for entry in entries:
         assert conformance.measure(entry).verdict == OK, entry
     monkeypatch.setattr(op_table, 'uint8_range_factor', lambda: 1.0)
-    for entry in (Entry('conv', ('u8',)), Entry('conv+act', ('u8',)), Entry('fc', ('u8',))):
+    for entry in entries:
         found = conformance.measure(entry)
         assert found.verdict == WRONG and found.error_steps > 10, (entry, found)
 

@@ -35,7 +35,11 @@ NNCF: convert_model + quantize).
         [--work DIR]     # keep the peers' ONNX models and arrays there (default: a temp dir)
         [--merge]        # replace only these families x engines in the existing results
 
-Writes results/accuracy.json and results/accuracy.md and prints the markdown table.
+Writes results/accuracy.json and results/accuracy.md and prints the markdown table. Below
+it, per family, the default (entropy, per-tensor) against the best peer row of the same run,
+image by image: how many test images only one of the two gets right, and the exact McNemar
+p-value of that split (``fashion_mnist.paired_difference``), which says whether a lead of a
+few hundredths of a point is more than chance; and the same against FP32.
 """
 import argparse
 import json
@@ -62,6 +66,7 @@ PEER_ENGINES = ('ort-minmax', 'ort-entropy', 'nncf')
 ENGINES = ('gluon-int8', 'mxnet-builtin') + PEER_ENGINES
 PEERS_PYTHON = os.path.join(ROOT, '.venv-peers', 'bin', 'python')
 PEERS_SCRIPT = os.path.join(ROOT, 'benchmarks', 'peers_accuracy.py')
+DEFAULT = ('gluon-int8', 'entropy', 'tensor')  # quantize_net(net, calib, mode='entropy')
 
 
 def calibration_arrays():
@@ -171,14 +176,57 @@ def markdown(rows, where, peers):
     return '\n'.join(lines)
 
 
-def merged(path, rows, engines, peers):
+def versus_peers(rows, hits, fp32_hits):
+    """Per family with a default row and ok peer rows in ``hits`` (this run): the default
+    against the best of them and against FP32, image by image."""
+    found = []
+    for family in fp32_hits:
+        ours = hits.get((family,) + DEFAULT)
+        peers = [r for r in rows if r['family'] == family and r.get('engine') in PEER_ENGINES
+                 and (family, r['engine'], r['mode'], r['granularity']) in hits]
+        if ours is None or not peers:
+            continue
+        best = max(peers, key=lambda r: r['int8_top1'])
+        peer = fashion_mnist.paired_difference(
+            hits[(family, best['engine'], best['mode'], best['granularity'])], ours)
+        fp32 = fashion_mnist.paired_difference(fp32_hits[family], ours)
+        found.append({'family': family, 'ours_top1': 100 * float(ours.mean()),
+                      'fp32_top1': 100 * float(fp32_hits[family].mean()),
+                      'best_peer': best['engine'], 'best_peer_top1': best['int8_top1'],
+                      'only_peer': peer['only_a'], 'only_ours': peer['only_b'],
+                      'p_peer': peer['p_value'], 'only_fp32': fp32['only_a'],
+                      'only_int8': fp32['only_b'], 'p_fp32': fp32['p_value']})
+    return found
+
+
+def versus_markdown(versus):
+    lines = ['', 'The default (gluon-int8 entropy, per-tensor) against the best peer row of the '
+             'same run and against FP32, image by image: test images only one of the two gets '
+             'right, and the exact McNemar p-value of that split (chance alone splits '
+             'disagreements this unevenly with probability p).', '',
+             '| family | best peer | best peer - ours (pt) | only peer right | only ours right '
+             '| p | FP32 - ours (pt) | only FP32 right | only ours right | p |',
+             '|---|---|---|---|---|---|---|---|---|---|']
+    for v in versus:
+        lines.append('| %s | %s | %+.2f | %d | %d | %.2f | %+.2f | %d | %d | %.2f |'
+                     % (v['family'], v['best_peer'], v['best_peer_top1'] - v['ours_top1'],
+                        v['only_peer'], v['only_ours'], v['p_peer'],
+                        v['fp32_top1'] - v['ours_top1'], v['only_fp32'], v['only_int8'],
+                        v['p_fp32']))
+    return lines
+
+
+def merged(path, rows, engines, peers, versus):
     """The rows of ``path`` with those of the families and engines just run replaced by
-    ``rows``; its peers notes where no peer ran now."""
+    ``rows``; its peers notes where no peer ran now; its comparisons with the peers for the
+    families not run now (a family run now is compared only if its peers ran too)."""
     with open(path) as f:
         old = json.load(f)
     ran = {(r['family'], e) for r in rows for e in list(engines) + [None]}  # None: skipped
     kept = [r for r in old['rows'] if (r['family'], r.get('engine')) not in ran]
-    return kept + rows, peers or old.get('peers')
+    families = {r['family'] for r in rows}
+    versus = [v for v in old.get('versus_peers', []) if v['family'] not in families] + versus
+    return kept + rows, peers or old.get('peers'), versus
 
 
 def main():
@@ -220,7 +268,7 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or tmp
         os.makedirs(work, exist_ok=True)
-        rows, fp32, exported = [], {}, {}
+        rows, fp32, exported, hits, fp32_hits = [], {}, {}, {}, {}
         for family in families:
             if not os.path.isfile(fashion_mnist.params_path(family)):
                 rows.append({'family': family, 'skipped': 'no trained parameters at %s'
@@ -228,7 +276,8 @@ def main():
                 print('%-10s skipped: %s' % (family, rows[-1]['skipped']), flush=True)
                 continue
             net = fashion_mnist.get_model(family)
-            fp32[family] = 100 * fashion_mnist.evaluate(net, images, labels)
+            fp32_hits[family] = fashion_mnist.predict(net, images) == labels
+            fp32[family] = 100 * float(fp32_hits[family].mean())
             if peer_threads:
                 exported[family] = export_fp32(family, net, calib, work)
             for engine, mode, granularity in runs:
@@ -237,7 +286,8 @@ def main():
                         qnet, seconds = ours(family, mode, granularity, calib)
                     else:
                         qnet, seconds = builtin(family, mode, calib, calib_labels)
-                    int8 = 100 * fashion_mnist.evaluate(qnet, images, labels)
+                    correct = fashion_mnist.predict(qnet, images) == labels
+                    int8 = 100 * float(correct.mean())
                 except mx.base.MXNetError as err:
                     error = ' '.join(str(err).split())
                     rows.append({'family': family, 'engine': engine, 'mode': mode,
@@ -247,6 +297,7 @@ def main():
                     print('%-10s %-13s %-10s failed: %s' % (family, engine, mode,
                                                            rows[-1]['error'][:120]), flush=True)
                     continue
+                hits[(family, engine, mode, granularity)] = correct
                 rows.append({'family': family, 'engine': engine, 'mode': mode,
                              'granularity': granularity, 'fp32_top1': fp32[family],
                              'int8_top1': int8, 'delta': int8 - fp32[family],
@@ -258,23 +309,28 @@ def main():
         if exported:
             peers = run_peers(work, exported, calib, images, labels,
                               [e for e in engines if e in PEER_ENGINES], peer_threads)
-    for row in peers['rows'] if peers else []:
-        row['fp32_top1'] = fp32[row['family']]
-        if row['status'] == 'ok':
-            row['delta'] = row['int8_top1'] - row['fp32_top1']
-        rows.append(row)
+            for row in peers['rows']:
+                row['fp32_top1'] = fp32[row['family']]
+                if row['status'] == 'ok':
+                    row['delta'] = row['int8_top1'] - row['fp32_top1']
+                    hits[(row['family'], row['engine'], row['mode'], row['granularity'])] = \
+                        np.load(os.path.join(work, row.pop('hits')))
+                rows.append(row)
+    versus = versus_peers(rows, hits, fp32_hits)
     if args.merge:
-        rows, peers = merged(os.path.join(args.out, 'accuracy.json'), rows, engines, peers)
+        rows, peers, versus = merged(os.path.join(args.out, 'accuracy.json'), rows, engines,
+                                     peers, versus)
     order = families + sorted({r['family'] for r in rows} - set(families))
     rows.sort(key=lambda r: order.index(r['family']))  # stable: a family's rows together
 
     where = 'full test set' if source == 'debian' else 'bundled test slice'
     where = ('first %d images of the %s' if args.limit else '%d-image %s') % (len(labels), where)
-    table = markdown(rows, where, peers)
+    table = '\n'.join([markdown(rows, where, peers)] + versus_markdown(versus))
     print('\n' + table)
     os.makedirs(args.out, exist_ok=True)
     result = {'test_source': source, 'test_images': len(labels), 'limit': args.limit,
-              'omp_num_threads': os.environ.get('OMP_NUM_THREADS'), 'rows': rows}
+              'omp_num_threads': os.environ.get('OMP_NUM_THREADS'), 'rows': rows,
+              'versus_peers': versus}
     if peers:
         result['peers'] = {k: v for k, v in peers.items() if k != 'rows'}
     with open(os.path.join(args.out, 'accuracy.json'), 'w') as f:

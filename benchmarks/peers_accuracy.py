@@ -36,7 +36,9 @@ runtime that differs from MXNet FP32 before quantizing is seen (``onnx_fp32_top1
     OMP_NUM_THREADS=1 .venv-peers/bin/python benchmarks/peers_accuracy.py --work DIR
 
 benchmarks/accuracy.py calls it; it writes DIR/peers_accuracy.json (a row per family and
-engine, an engine that fails is recorded with its error and the run goes on).
+engine, an engine that fails is recorded with its error and the run goes on) and, per row,
+which test images the engine got right (DIR/hits_<family>_<engine>.npy, the row's ``hits``),
+so that accuracy.py can tell a peer's lead from chance.
 """
 import argparse
 import json
@@ -54,13 +56,16 @@ ENGINES = ('ort-minmax', 'ort-entropy', 'nncf')
 EVAL_BATCH = 500
 
 
-def top1(run, images, labels, batch=EVAL_BATCH):
-    """Top-1 (%) of ``run`` (a batch -> list of outputs) over the images."""
-    hits = 0
-    for start in range(0, len(images), batch):
-        logits = run(images[start:start + batch])[0]
-        hits += int((np.asarray(logits).argmax(axis=1) == labels[start:start + batch]).sum())
-    return 100.0 * hits / len(labels)
+def hits(run, images, labels, batch=EVAL_BATCH):
+    """Per image, whether ``run`` (a batch -> list of outputs) gets its label."""
+    found = [np.asarray(run(images[start:start + batch])[0]).argmax(axis=1)
+             for start in range(0, len(images), batch)]
+    return np.concatenate(found) == labels
+
+
+def top1(run, images, labels):
+    """Top-1 (%) of ``run`` over the images."""
+    return 100.0 * float(hits(run, images, labels).mean())
 
 
 def ov_runner(core, model, entry, sizes, threads):
@@ -125,7 +130,10 @@ def measure(family, entry, args, calib, images, labels, threads, core):
             else:
                 found = nncf_row(core, entry, calib, threads)
                 run = ov_runner(core, found.pop('model'), entry, sizes, threads)
-            row.update(found, status='ok', int8_top1=top1(run, images, labels))
+            correct = hits(run, images, labels)
+            row.update(found, status='ok', int8_top1=100.0 * float(correct.mean()),
+                       hits='hits_%s_%s.npy' % (family, engine))
+            np.save(os.path.join(args.work, row['hits']), correct)
             print('%-13s %-12s int8 %.2f calib %.2fs' % (family, engine, row['int8_top1'],
                                                          row['calib_seconds']), flush=True)
         except Exception as err:  # a quantizer that cannot take this graph: record, go on

@@ -21,11 +21,14 @@ This module provides:
   ``examples/fashion_mnist/train.py`` shipped as
   ``gluon_int8_samples/data/fashion_mnist_<name>.params``;
 * :func:`get_model` to build a family and load its shipped parameters, and
-  :func:`evaluate` to measure top-1 accuracy of any callable block.
+  :func:`evaluate` to measure top-1 accuracy of any callable block, and
+  :func:`paired_difference` to tell whether two models' top-1 on the same images
+  differ by more than chance.
 """
 
 import gzip
 import logging
+import math
 import os
 
 import mxnet as mx
@@ -682,3 +685,24 @@ def evaluate(net, images, labels, batch_size=256, ctx=None):
         raise ValueError("got %d predictions for %d labels"
                          % (preds.shape[0], labels.shape[0]))
     return float(np.mean(preds == labels))
+
+
+def paired_difference(hits_a, hits_b):
+    """How two models' top-1 differ on the same images, and whether that is chance.
+
+    ``hits_a`` and ``hits_b`` say per image whether each model was right. Returns
+    ``only_a`` (images only A gets right), ``only_b`` and ``p_value``: the exact two-sided
+    McNemar test, the chance that the two counts split at least this unevenly if either
+    model were as likely to win each disagreement (``2 * P(Binomial(n, 1/2) <= min)``,
+    at most 1). Top-1 of A minus top-1 of B is ``(only_a - only_b) / len``.
+    """
+    hits_a = np.asarray(hits_a, dtype=bool).reshape(-1)
+    hits_b = np.asarray(hits_b, dtype=bool).reshape(-1)
+    if hits_a.shape != hits_b.shape:
+        raise ValueError("paired_difference: hits_a has %d images, hits_b %d; they must "
+                         "be the same images" % (hits_a.size, hits_b.size))
+    only_a, only_b = int(np.sum(hits_a & ~hits_b)), int(np.sum(hits_b & ~hits_a))
+    n = only_a + only_b
+    tail = sum(math.comb(n, k) for k in range(min(only_a, only_b) + 1))
+    return {'only_a': only_a, 'only_b': only_b,
+            'p_value': min(1.0, 2 * tail / 2 ** n)}

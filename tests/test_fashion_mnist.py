@@ -155,3 +155,23 @@ def test_evaluate_rejects_length_mismatch(slice_data):
     net = fm.get_model("mobilenet")
     with pytest.raises(ValueError):
         fm.evaluate(net, slice_data[0][:10], slice_data[1][:12])
+
+
+@pytest.mark.parametrize("only_a, only_b, p_value", [
+    (0, 5, 2 / 32),            # 2 * P(Bin(5, 1/2) <= 0)
+    (9, 1, 2 * 11 / 1024),     # 2 * (C(10,0) + C(10,1)) / 2^10
+    (3, 3, 1.0),               # an even split: capped at 1
+    (0, 0, 1.0),               # no disagreement at all
+])
+def test_paired_difference_is_the_exact_mcnemar_test(only_a, only_b, p_value):
+    both = 7  # images both get right, and 4 both get wrong: they do not count
+    hits_a = [True] * both + [True] * only_a + [False] * only_b + [False] * 4
+    hits_b = [True] * both + [False] * only_a + [True] * only_b + [False] * 4
+    found = fm.paired_difference(hits_a, hits_b)
+    assert (found["only_a"], found["only_b"]) == (only_a, only_b)
+    assert found["p_value"] == pytest.approx(p_value, rel=1e-12)
+
+
+def test_paired_difference_needs_the_same_images():
+    with pytest.raises(ValueError, match="hits_a has 3 images, hits_b 2"):
+        fm.paired_difference([True, False, True], [True, False])

@@ -199,6 +199,10 @@ def versus_peers(rows, hits, fp32_hits):
     return found
 
 
+def _p(value):
+    return '%.2f' % value if value >= 0.01 else '%.0e' % value
+
+
 def versus_markdown(versus):
     lines = ['', 'The default (gluon-int8 entropy, per-tensor) against the best peer row of the '
              'same run and against FP32, image by image: test images only one of the two gets '
@@ -208,11 +212,11 @@ def versus_markdown(versus):
              '| p | FP32 - ours (pt) | only FP32 right | only ours right | p |',
              '|---|---|---|---|---|---|---|---|---|---|']
     for v in versus:
-        lines.append('| %s | %s | %+.2f | %d | %d | %.2f | %+.2f | %d | %d | %.2f |'
+        lines.append('| %s | %s | %+.2f | %d | %d | %s | %+.2f | %d | %d | %s |'
                      % (v['family'], v['best_peer'], v['best_peer_top1'] - v['ours_top1'],
-                        v['only_peer'], v['only_ours'], v['p_peer'],
+                        v['only_peer'], v['only_ours'], _p(v['p_peer']),
                         v['fp32_top1'] - v['ours_top1'], v['only_fp32'], v['only_int8'],
-                        v['p_fp32']))
+                        _p(v['p_fp32'])))
     return lines
 
 

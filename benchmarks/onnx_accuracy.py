@@ -6,7 +6,8 @@ benchmarks/accuracy.py), and that block exported with ``export(prefix, format='o
 and run on ONNX Runtime and on OpenVINO (``gluon_int8.runtimes.load_onnx``). Top-1 on
 the full 10k test set when Debian's dataset-fashion-mnist is installed, else on the
 bundled 1000-image slice (the output says which), plus the cosine of each runtime's
-logits against MXNet INT8's. Accuracy does not depend on timing: run it anywhere.
+logits against MXNet INT8's, and, image by image, how many test images only the runtime or
+only MXNet INT8 gets right, with the exact McNemar p-value of that split. Accuracy does not depend on timing: run it anywhere.
 
     OMP_NUM_THREADS=1 python benchmarks/onnx_accuracy.py [--families resnet,...]
         [--params-dir DIR]   # trained parameters from another folder (read only)
@@ -70,9 +71,13 @@ def measure(family, params_dir, calib, images, labels):
         blocks = {rt: runtimes.load_onnx(onnx_path, runtime=rt) for rt in runtimes.RUNTIMES}
     for runtime, block in blocks.items():
         results[runtime] = logits(block, images)
-    top1 = {k: 100.0 * float(np.mean(v.argmax(1) == labels)) for k, v in results.items()}
+    hits = {k: v.argmax(1) == labels for k, v in results.items()}
+    top1 = {k: 100.0 * float(v.mean()) for k, v in hits.items()}
     onnx_layers = blocks['onnxruntime'].layers
     return {'family': family, 'top1': top1,
+            'versus_mxnet_int8': {rt: fashion_mnist.paired_difference(hits[rt],
+                                                                      hits['mxnet_int8'])
+                                  for rt in runtimes.RUNTIMES},
             'cosine_vs_mxnet_int8': {rt: cosine(results[rt], results['mxnet_int8'])
                                      for rt in runtimes.RUNTIMES},
             'int8_layers': {'mxnet': len(qnet.int8_layers),
@@ -98,6 +103,18 @@ def markdown(rows, source):
                          t['openvino'] - t['mxnet_int8'], t['onnxruntime'] - t['fp32'],
                          t['openvino'] - t['fp32'], r['cosine_vs_mxnet_int8']['onnxruntime'],
                          r['cosine_vs_mxnet_int8']['openvino']))
+    lines += ['', 'Each runtime against MXNet INT8 image by image: test images only the runtime '
+              'gets right / only MXNet INT8 gets right, and the exact McNemar p-value of that '
+              'split (fashion_mnist.paired_difference)', '',
+              '| family | ORT only / MXNet only | p | OV only / MXNet only | p |',
+              '|---|---|---|---|---|']
+    for r in rows:
+        if 'skipped' not in r:
+            v = r['versus_mxnet_int8']
+            lines.append('| %s | %d / %d | %.2f | %d / %d | %.2f |' % (
+                r['family'], v['onnxruntime']['only_a'], v['onnxruntime']['only_b'],
+                v['onnxruntime']['p_value'], v['openvino']['only_a'],
+                v['openvino']['only_b'], v['openvino']['p_value']))
     return '\n'.join(lines)
 
 

@@ -130,8 +130,8 @@ class ONNXExporter(Exporter):
     Options: ``input_shapes`` (one per input, without the batch axis, which stays
     dynamic; default: the shapes calibration saw), ``on_unsupported`` ('fp32': an INT8
     layer the ONNX graph cannot hold stays FP32 there, with a warning; 'raise': refused),
-    ``weight_bits`` ('auto', 8, 7: 'auto' is 7 on CPUs without VNNI, see
-    :func:`gluon_int8.onnx_qdq.weight_levels`).
+    ``weight_bits`` ('auto', 8, 7: 'auto' is 7 on CPUs without VNNI but for depthwise
+    convs, see :func:`gluon_int8.onnx_qdq.weight_levels`).
     """
     format = 'onnx'
     options = ('input_shapes', 'on_unsupported', 'weight_bits')
@@ -158,7 +158,8 @@ class ONNXExporter(Exporter):
             'data_names': names, 'out_format': block.out_format, 'input_shapes': shapes,
             'layers': [row.to_dict() for row in layers],
             'calib_table': block.calib_table.to_dict(),
-            'weight_levels': onnx_qdq.weight_levels(weight_bits)})
+            'weight_levels': onnx_qdq.weight_levels(weight_bits),
+            'depthwise_weight_levels': onnx_qdq.weight_levels(weight_bits, depthwise=True)})
         onnx.checker.check_model(model)
         path = store.write_file(prefix, layout.onnx_file(prefix, epoch),
                                 model.SerializeToString())

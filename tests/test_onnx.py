@@ -18,7 +18,8 @@ from mxnet.gluon import nn
 from onnx import numpy_helper
 
 import gluon_int8
-from gluon_int8 import exporters, onnx_graph, onnx_qdq, pipeline, plan, runtimes, store
+from gluon_int8 import (exporters, onnx_graph, onnx_qdq, op_table, pipeline, plan, runtimes,
+                        store)
 from gluon_int8.cli import main
 from gluon_int8.fuse import fuse, tensor_names, unfuse
 from gluon_int8.onnx_graph import UnsupportedOpError
@@ -361,6 +362,58 @@ def test_weight_bits_choose_the_weight_levels(convbnsum, tmp_path):
         weights = [v for k, v in _initializers(model).items() if v.dtype == np.int8]
         assert weights and max(int(np.abs(w).max()) for w in weights) == peak
     assert onnx_qdq.weight_levels('auto') in (63, 127)
+
+
+def test_auto_weight_bits_keep_8_bits_in_depthwise_convs(tmp_path):
+    _, qnet, _ = _qnet(DepthwiseBlock)
+    model = onnx.load(qnet.export(str(tmp_path / 'dw'), format='onnx')[0])
+    producers = {out: n for n in model.graph.node for out in n.output}
+    inits, peaks = _initializers(model), {}
+    for node in model.graph.node:
+        if node.op_type == 'Conv':
+            weight = inits[producers[node.input[1]].input[0]]
+            depthwise = weight.shape[1] == 1
+            peaks.setdefault(depthwise, set()).add(int(np.abs(weight).max()))
+    assert peaks == {True: {127}, False: {onnx_qdq.weight_levels('auto')}}
+    meta = exporters.read_metadata(model)
+    assert (meta['weight_levels'], meta['depthwise_weight_levels']) == \
+        (onnx_qdq.weight_levels('auto'), 127)
+
+
+def _saturation_probe(groups, channels=8):
+    """u8 codes 255 (1.0) -> 3x3 Conv with every s8 weight 127 (1.0) of ``groups`` groups,
+    output u8 at scale 1: exact, each output is 9 x the input channels per group."""
+    from onnx import TensorProto, helper
+    per_group = channels // groups
+    inits = [numpy_helper.from_array(np.array(v, dtype=t), n) for n, v, t in (
+        ('xs', 1 / 255, np.float32), ('xz', 0, np.uint8), ('ys', 1.0, np.float32),
+        ('yz', 0, np.uint8), ('ws', [1 / 127] * channels, np.float32),
+        ('wz', [0] * channels, np.int8), ('wq', np.full((channels, per_group, 3, 3), 127), np.int8))]
+    graph = helper.make_graph(
+        [helper.make_node('QuantizeLinear', ['x', 'xs', 'xz'], ['xq']),
+         helper.make_node('DequantizeLinear', ['xq', 'xs', 'xz'], ['xd']),
+         helper.make_node('DequantizeLinear', ['wq', 'ws', 'wz'], ['wd'], axis=0),
+         helper.make_node('Conv', ['xd', 'wd'], ['c'], group=groups, kernel_shape=[3, 3]),
+         helper.make_node('QuantizeLinear', ['c', 'ys', 'yz'], ['cq']),
+         helper.make_node('DequantizeLinear', ['cq', 'ys', 'yz'], ['y'])], 'probe',
+        [helper.make_tensor_value_info('x', TensorProto.FLOAT, [1, channels, 5, 5])],
+        [helper.make_tensor_value_info('y', TensorProto.FLOAT, None)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid('', 13)]), 9 * per_group
+
+
+@pytest.mark.parametrize('runtime', runtimes.RUNTIMES)
+def test_depthwise_kernels_do_not_saturate_with_8_bit_weights(runtime, tmp_path):
+    """Why 'auto' keeps 8-bit weights in depthwise convs only, on a CPU without VNNI:
+    at full-range codes and weights, the runtimes' depthwise conv is exact, and their
+    dense conv adds products in pairs in int16 and saturates (72 comes out 36)."""
+    for groups, exact in ((8, True), (1, op_table.has_vnni())):
+        model, want = _saturation_probe(groups)
+        path = str(tmp_path / ('g%d.onnx' % groups))
+        onnx.save(model, path)
+        got = runtimes.load_onnx(path, runtime).run([np.ones((1, 8, 5, 5), np.float32)])[0]
+        assert (np.all(got == want)) == exact, (groups, np.unique(got))
+        if not exact:
+            assert np.all(got < want)
 
 
 # -- bad input ----------------------------------------------------------------------------

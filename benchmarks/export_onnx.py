@@ -59,18 +59,30 @@ def weights_to_initializers(model):
     return dropped
 
 
-def export(name, out_dir, calib_batches, calib_batch_size, check_batch, bn_stats):
-    """Export one model; returns its manifest entry."""
+def network_and_data(name, calib_batches, calib_batch_size, check_batch, bn_stats='data'):
+    """The network (``build``), its calibration images (batches, batch size, C, H, W) and
+    check batch, uniform(-1, 1) from seed 0, and how many BatchNorms took their statistics
+    from the first calibration batch. benchmarks/seed_table.py takes the same, so its
+    engines and the peers quantize one network on the same images and are checked on one
+    batch."""
     import mxnet as mx
-    import onnx
     from gluon_int8 import zoo
-    from gluon_int8.trace import trace
-
     net, shape = build(name)
     rng = np.random.RandomState(0)
     calib = rng.uniform(-1, 1, size=(calib_batches, calib_batch_size) + shape).astype(np.float32)
     check = rng.uniform(-1, 1, size=(check_batch,) + shape).astype(np.float32)
     recalibrated = zoo.set_batchnorm_statistics(net, mx.nd.array(calib[0])) if bn_stats == 'data' else 0
+    return net, shape, calib, check, recalibrated
+
+
+def export(name, out_dir, calib_batches, calib_batch_size, check_batch, bn_stats):
+    """Export one model; returns its manifest entry."""
+    import mxnet as mx
+    import onnx
+    from gluon_int8.trace import trace
+
+    net, shape, calib, check, recalibrated = network_and_data(
+        name, calib_batches, calib_batch_size, check_batch, bn_stats)
     traced = trace(net, [mx.nd.array(check)])
     if traced.num_inputs != 1:
         raise ValueError('model %s: the peer benchmark handles one input, the graph has %d (%s)'

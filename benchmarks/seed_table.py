@@ -9,7 +9,11 @@ the same run. For resnet50_v1, mobilenet1.0 and inceptionv3 also "gluon-int8 -> 
 format='onnx')`` and run by ``gluon_int8.runtimes.load_onnx`` on ONNX Runtime and on
 OpenVINO (timed on numpy input, as benchmarks/peers.py times those runtimes; OpenVINO
 compiled at each static batch), with each INT8 engine's output cosine against MXNet FP32
-on a check batch of 2 (uniform(-1, 1), as benchmarks/export_onnx.py makes for the peers).
+on a check batch of 2. Every model is the network benchmarks/export_onnx.py exports for the
+peers (``export_onnx.network_and_data``: seeded random weights, BatchNorm statistics from
+the first calibration batch), calibrated on the same 2 x 16 uniform(-1, 1) images and
+checked on the same batch, so the cosines of this table and of benchmarks/peers.py compare
+quantizers on one network.
 ``--no-onnx`` leaves those rows out. Latency at batch 1 and throughput at batch 64 (SSD: --ssd-batch, default
 16), medians over repeated runs after warm-up, every engine in this one process with the
 same OMP_NUM_THREADS.
@@ -33,6 +37,7 @@ import warnings
 import mxnet as mx
 import numpy as np
 
+import export_onnx
 import gluon_int8
 from gluon_int8 import bench, zoo
 
@@ -41,7 +46,7 @@ MODELS = ('resnet50_v1', 'resnet101_v1', 'mobilenet1.0', 'inceptionv3', 'ssd_300
 VARIANTS = ('base', 'fusion', 'int8', 'builtin_int8')
 ONNX_MODELS = ('resnet50_v1', 'mobilenet1.0', 'inceptionv3')
 ONNX_VARIANTS = {'ort_int8': 'onnxruntime', 'ov_int8': 'openvino'}  # gluon-int8 -> runtime
-CHECK_BATCH = 2
+CALIB_BATCHES, CALIB_BATCH_SIZE, CHECK_BATCH = 2, 16, 2  # export_onnx.py's defaults
 
 
 class NumpyTimed:
@@ -67,20 +72,15 @@ def onnx_variants(qnet, folder):
             for variant, runtime in ONNX_VARIANTS.items()}
 
 
-def cosines(net, engines, shape):
-    """Each engine's output cosine against MXNet FP32 on one uniform(-1, 1) batch."""
-    check = mx.nd.array(np.random.RandomState(0).uniform(
-        -1, 1, size=(CHECK_BATCH,) + tuple(shape)).astype(np.float32))
+def cosines(net, engines, check):
+    """Each engine's output cosine against MXNet FP32 on the check batch."""
+    check = mx.nd.array(check)
     want = net(check).asnumpy().astype(np.float64).ravel()
     found = {}
     for name, engine in engines.items():
         got = engine(check).asnumpy().astype(np.float64).ravel()
         found[name] = float(got @ want / (np.linalg.norm(got) * np.linalg.norm(want)))
     return found
-
-
-def calibration(shape, batches=2, batch_size=16):
-    return [mx.nd.random.uniform(-1, 1, shape=(batch_size,) + shape) for _ in range(batches)]
 
 
 def builtin_int8(net, calib, preset):
@@ -94,8 +94,9 @@ def builtin_int8(net, calib, preset):
 
 def measure(name, batch, runs, lat_runs, with_onnx=True):
     preset = zoo.preset(name)
-    calib = calibration(preset.input_shape)
-    net = zoo.get_model(name, quantized=False, bn_batch=calib[0])
+    net, _, calib, check, _ = export_onnx.network_and_data(name, CALIB_BATCHES,
+                                                           CALIB_BATCH_SIZE, CHECK_BATCH)
+    calib = [mx.nd.array(b) for b in calib]
     start = time.perf_counter()
     qnet = gluon_int8.quantize_net(net, calib, mode='naive', **dict(preset.quantize_kwargs))
     calib_seconds = time.perf_counter() - start
@@ -110,7 +111,7 @@ def measure(name, batch, runs, lat_runs, with_onnx=True):
         if with_onnx and name in ONNX_MODELS:
             runtimes = onnx_variants(qnet, folder)
             row['cosine_vs_fp32'] = cosines(net, dict(
-                int8=qnet, builtin_int8=blocks['builtin_int8'], **runtimes), preset.input_shape)
+                int8=qnet, builtin_int8=blocks['builtin_int8'], **runtimes), check)
             print('  cosine vs FP32: %s' % ', '.join('%s %.4f' % kv for kv in
                                                   row['cosine_vs_fp32'].items()), flush=True)
             timed.update({v: NumpyTimed(b) for v, b in runtimes.items()})

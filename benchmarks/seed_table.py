@@ -14,7 +14,11 @@ peers (``export_onnx.network_and_data``: seeded random weights, BatchNorm statis
 the first calibration batch), calibrated on the same 2 x 16 uniform(-1, 1) images and
 checked on the same batch, so the cosines of this table and of benchmarks/peers.py compare
 quantizers on one network.
-``--no-onnx`` leaves those rows out. Latency at batch 1 and throughput at batch 64 (SSD: --ssd-batch, default
+``--no-onnx`` leaves those rows out. ``--peers`` puts the peers' own INT8 of those models in
+the same run and table: after the MXNet rows, benchmarks/export_onnx.py exports the same
+networks and benchmarks/peers.py (in ``.venv-peers``) quantizes and times them with ONNX
+Runtime (``quantize_static``) and NNCF on OpenVINO, at the same batch, run counts and
+threads ("ORT's own", "NNCF's own"). Latency at batch 1 and throughput at batch 64 (SSD: --ssd-batch, default
 16), medians over repeated runs after warm-up, every engine in this one process with the
 same OMP_NUM_THREADS.
 
@@ -30,6 +34,8 @@ import argparse
 import json
 import logging
 import os
+import subprocess
+import sys
 import tempfile
 import time
 import warnings
@@ -47,6 +53,8 @@ VARIANTS = ('base', 'fusion', 'int8', 'builtin_int8')
 ONNX_MODELS = ('resnet50_v1', 'mobilenet1.0', 'inceptionv3')
 ONNX_VARIANTS = {'ort_int8': 'onnxruntime', 'ov_int8': 'openvino'}  # gluon-int8 -> runtime
 CALIB_BATCHES, CALIB_BATCH_SIZE, CHECK_BATCH = 2, 16, 2  # export_onnx.py's defaults
+PEERS_PYTHON = os.path.join(ROOT, '.venv-peers', 'bin', 'python')
+PEER_ENGINES = {'ort_own': 'ort_int8', 'nncf_own': 'ov_int8'}  # column -> peers.py engine
 
 
 class NumpyTimed:
@@ -141,23 +149,61 @@ def markdown(rows, threads):
     return '\n'.join(lines)
 
 
+def peer_threads():
+    """OMP_NUM_THREADS, for the peers; stops at once when --peers cannot run."""
+    threads = os.environ.get('OMP_NUM_THREADS')
+    if not os.path.isfile(PEERS_PYTHON) or threads is None:
+        raise SystemExit('--peers: needs .venv-peers (%s; `make .venv-peers/.installed`) and '
+                         'OMP_NUM_THREADS set, so the peers run the same thread count'
+                         % PEERS_PYTHON)
+    return threads
+
+
+def run_peers(models, args, threads):
+    """The peers' own INT8 of ``models`` on the networks this table measured, from
+    export_onnx.py and peers.py run now: {model: {column: peers.py row}}."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    with tempfile.TemporaryDirectory() as work:
+        subprocess.run([sys.executable, os.path.join(here, 'export_onnx.py'), '--models',
+                        ','.join(models), '--out', work, '--calib-batches', str(CALIB_BATCHES),
+                        '--calib-batch-size', str(CALIB_BATCH_SIZE), '--check-batch',
+                        str(CHECK_BATCH)], check=True)
+        subprocess.run([PEERS_PYTHON, os.path.join(here, 'peers.py'), '--models',
+                        ','.join(models), '--onnx-dir', work, '--out', work, '--engines',
+                        ','.join(PEER_ENGINES.values()), '--threads', threads, '--batch',
+                        str(args.batch), '--runs', str(args.runs), '--latency-runs',
+                        str(args.latency_runs)], check=True)
+        with open(os.path.join(work, 'peers.json')) as f:
+            found = json.load(f)['rows']
+    return {m: {col: r for col, engine in PEER_ENGINES.items() for r in found
+                if r['model'] == m and r['engine'] == engine and r.get('status') == 'ok'}
+            for m in models}
+
+
 def onnx_markdown(rows):
-    """The gluon-int8 -> ORT / -> OpenVINO rows beside gluon-int8's MXNet INT8."""
+    """The gluon-int8 -> ORT / -> OpenVINO rows beside gluon-int8's MXNet INT8 (and the
+    peers' own INT8 where --peers ran)."""
+    peers = [c for c in PEER_ENGINES if any(c in r.get('peers', {}) for r in rows)]
+    head = {'ort_own': "ORT's own", 'nncf_own': "NNCF's own"}
     lines = ['| Model | BS | Metric | gluon-int8 (MXNet) | gluon-int8 -> ORT | '
-             'gluon-int8 -> OpenVINO | built-in INT8 |', '|---|---|---|---|---|---|---|']
+             'gluon-int8 -> OpenVINO | built-in INT8 |%s' % ''.join(' %s |' % head[c]
+                                                               for c in peers),
+             '|---|---|---|---|---|---|---|' + '---|' * len(peers)]
     for r in rows:
         if 'cosine_vs_fp32' not in r:
             continue
         lat, thr, cos = r['latency_ms'], r['throughput'], r['cosine_vs_fp32']
-        lines.append('| %s | 1 | latency ms | %.2f | %.2f | %.2f | %.2f |'
+        own = [r.get('peers', {}).get(c) for c in peers]
+        cells = lambda key, fmt: ''.join(' %s |' % (fmt % p[key] if p else '-') for p in own)
+        lines.append('| %s | 1 | latency ms | %.2f | %.2f | %.2f | %.2f |%s'
                      % (r['model'], lat['int8'], lat['ort_int8'], lat['ov_int8'],
-                        lat['builtin_int8']))
-        lines.append('| | %d | img/s | %.1f | %.1f | %.1f | %.1f |'
+                        lat['builtin_int8'], cells('latency_ms', '%.2f')))
+        lines.append('| | %d | img/s | %.1f | %.1f | %.1f | %.1f |%s'
                      % (r['batch'], thr['int8'], thr['ort_int8'], thr['ov_int8'],
-                        thr['builtin_int8']))
-        lines.append('| | %d | output cosine vs MXNet FP32 | %.4f | %.4f | %.4f | %.4f |'
+                        thr['builtin_int8'], cells('throughput', '%.1f')))
+        lines.append('| | %d | output cosine vs MXNet FP32 | %.4f | %.4f | %.4f | %.4f |%s'
                      % (CHECK_BATCH, cos['int8'], cos['ort_int8'], cos['ov_int8'],
-                        cos['builtin_int8']))
+                        cos['builtin_int8'], cells('check_value', '%.4f')))
     return '\n'.join(lines)
 
 
@@ -215,7 +261,14 @@ def main():
     parser.add_argument('--out', default=os.path.join(ROOT, 'results'))
     parser.add_argument('--no-onnx', action='store_true',
                         help='leave out the gluon-int8 -> ORT / -> OpenVINO rows')
+    parser.add_argument('--peers', action='store_true',
+                        help="the peers' own INT8 of the ONNX models in the same run "
+                             '(.venv-peers)')
     args = parser.parse_args()
+    if args.peers and args.no_onnx:
+        parser.error('--peers: compares with the gluon-int8 -> ORT / -> OpenVINO rows, which '
+                     '--no-onnx leaves out; pass one of them')
+    threads = peer_threads() if args.peers else None
     logging.basicConfig(level=logging.WARNING)
     warnings.simplefilter('ignore')
     rows = []
@@ -223,6 +276,10 @@ def main():
         print(name, flush=True)
         rows.append(measure(name, args.ssd_batch if name.startswith('ssd') else args.batch,
                             args.runs, args.latency_runs, with_onnx=not args.no_onnx))
+    if args.peers:
+        found = run_peers([r['model'] for r in rows if 'cosine_vs_fp32' in r], args, threads)
+        for r in rows:
+            r['peers'] = found.get(r['model'], {})
     table = markdown(rows, bench.omp_threads())
     print('\n' + table)
     onnx_table = onnx_markdown(rows)

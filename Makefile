@@ -10,7 +10,7 @@ ACCURACY_ARGS ?=
 THREADS ?= 2
 export OMP_NUM_THREADS := $(THREADS)
 
-.PHONY: demo test bench-calibration bench-accuracy bench-seed bench-sweep bench-scale bench-ssd peers clean clean-peers
+.PHONY: demo test bench-calibration bench-accuracy bench-seed bench-deploy bench-sweep bench-scale bench-ssd peers clean clean-peers
 
 .venv/.installed: requirements.txt requirements-test.txt requirements-export.txt setup.cfg setup.py
 	python3 -m venv .venv
@@ -43,6 +43,13 @@ bench-accuracy: .venv/.installed .venv-peers/.installed
 bench-seed: .venv/.installed
 	MXNET_ENGINE_TYPE=NaiveEngine KMP_AFFINITY=granularity=fine,compact,1,0 KMP_BLOCKTIME=1 \
 	  $(PY) benchmarks/seed_table.py --runs 5 --latency-runs 30
+
+# the deploy table: the seed models through ONNX Runtime / OpenVINO beside those runtimes'
+# own INT8 of the same networks, in one run (README "Speed beside the peers' own INT8")
+bench-deploy: .venv/.onnx-installed .venv-peers/.installed
+	MXNET_ENGINE_TYPE=NaiveEngine KMP_AFFINITY=granularity=fine,compact,1,0 KMP_BLOCKTIME=1 \
+	  $(PY) benchmarks/seed_table.py --models resnet50_v1,mobilenet1.0,inceptionv3 --runs 5 \
+	  --latency-runs 30 --peers --out results/deploy
 
 bench-sweep: .venv/.installed
 	$(PY) benchmarks/zoo_sweep.py

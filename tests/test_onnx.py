@@ -93,7 +93,8 @@ class ReluAvgBlock(PaddedAvgBlock):
 
 class StridedPointwise(nn.HybridBlock):
     """conv -> ReLU -> 1x1 conv of stride 2, which MXNet runs as a strided slice and a
-    1x1 conv of stride 1 (fuse.canonicalize) and the ONNX model as the conv it was."""
+    1x1 conv of stride 1 (fuse.canonicalize) and the ONNX model as a 1x1 max pool of
+    stride 2 and the stride-1 conv."""
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
@@ -301,15 +302,30 @@ def test_a_zero_padded_average_pool_of_a_signed_tensor_is_a_depthwise_conv(tmp_p
     onnx.checker.check_model(model)
 
 
-def test_a_strided_1x1_conv_is_a_strided_conv_again_in_onnx(tmp_path):
-    _, qnet, _ = _qnet(StridedPointwise)
+def test_a_strided_1x1_conv_reads_a_1x1_max_pool_in_onnx(tmp_path):
+    """MXNet's strided slice before the stride-1 conv is, in ONNX, the MaxPool of kernel 1
+    that takes the same values; both runtimes run the conv on 8-bit data (OpenVINO ran
+    the conv f32 when the stride was back in it)."""
+    _, qnet, inputs = _qnet(StridedPointwise)
     assert any(n['name'].endswith('_stride')  # MXNet runs a slice
                for n in json.loads(qnet.fp32_graph.symbol.tojson())['nodes'])
-    model = onnx.load(qnet.export(str(tmp_path / 'cq'), format='onnx')[0])
+    path = qnet.export(str(tmp_path / 'cq'), format='onnx')[0]
+    model = onnx.load(path)
     assert not any(n.op_type == 'Slice' for n in model.graph.node)
     strides = [onnx.helper.get_attribute_value(a) for n in model.graph.node
                if n.op_type == 'Conv' for a in n.attribute if a.name == 'strides']
-    assert sorted(strides) == [[1, 1], [2, 2]]
+    assert strides == [[1, 1], [1, 1]]
+    producers = {out: n for n in model.graph.node for out in n.output}
+    pool, = [n for n in model.graph.node if n.op_type == 'MaxPool']
+    assert {a.name: onnx.helper.get_attribute_value(a) for a in pool.attribute} == \
+        {'kernel_shape': [1, 1], 'strides': [2, 2]}
+    assert producers[pool.input[0]].op_type == 'DequantizeLinear'
+    import openvino as ov
+    compiled = ov.Core().compile_model(path, 'CPU', {'INFERENCE_PRECISION_HINT': 'f32'})
+    precisions = [op.get_rt_info()['runtimePrecision'].astype(str)
+                  for op in compiled.get_runtime_model().get_ordered_ops()
+                  if op.get_rt_info()['layerType'].astype(str) == 'Convolution']
+    assert precisions == ['u8', 'u8']
 
 
 def test_export_is_deterministic(convbnsum, tmp_path):

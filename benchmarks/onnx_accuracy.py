@@ -7,7 +7,8 @@ and run on ONNX Runtime and on OpenVINO (``gluon_int8.runtimes.load_onnx``). Top
 the full 10k test set when Debian's dataset-fashion-mnist is installed, else on the
 bundled 1000-image slice (the output says which), plus the cosine of each runtime's
 logits against MXNet INT8's, and, image by image, how many test images only the runtime or
-only MXNet INT8 gets right, with the exact McNemar p-value of that split. Accuracy does not depend on timing: run it anywhere.
+only MXNet INT8 gets right, with the exact McNemar p-value of that split. Accuracy does
+not depend on timing: run it anywhere.
 
     OMP_NUM_THREADS=1 python benchmarks/onnx_accuracy.py [--families resnet,...]
         [--params-dir DIR]   # trained parameters from another folder (read only)

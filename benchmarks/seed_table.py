@@ -180,6 +180,11 @@ def run_peers(models, args, threads):
             for m in models}
 
 
+def _peer_cells(rows, key, fmt):
+    """Markdown cells of ``key`` from peers.py rows ('-' where a peer has none)."""
+    return ''.join(' %s |' % (fmt % row[key] if row else '-') for row in rows)
+
+
 def onnx_markdown(rows):
     """The gluon-int8 -> ORT / -> OpenVINO rows beside gluon-int8's MXNet INT8 (and the
     peers' own INT8 where --peers ran)."""
@@ -194,16 +199,15 @@ def onnx_markdown(rows):
             continue
         lat, thr, cos = r['latency_ms'], r['throughput'], r['cosine_vs_fp32']
         own = [r.get('peers', {}).get(c) for c in peers]
-        cells = lambda key, fmt: ''.join(' %s |' % (fmt % p[key] if p else '-') for p in own)
         lines.append('| %s | 1 | latency ms | %.2f | %.2f | %.2f | %.2f |%s'
                      % (r['model'], lat['int8'], lat['ort_int8'], lat['ov_int8'],
-                        lat['builtin_int8'], cells('latency_ms', '%.2f')))
+                        lat['builtin_int8'], _peer_cells(own, 'latency_ms', '%.2f')))
         lines.append('| | %d | img/s | %.1f | %.1f | %.1f | %.1f |%s'
                      % (r['batch'], thr['int8'], thr['ort_int8'], thr['ov_int8'],
-                        thr['builtin_int8'], cells('throughput', '%.1f')))
+                        thr['builtin_int8'], _peer_cells(own, 'throughput', '%.1f')))
         lines.append('| | %d | output cosine vs MXNet FP32 | %.4f | %.4f | %.4f | %.4f |%s'
                      % (CHECK_BATCH, cos['int8'], cos['ort_int8'], cos['ov_int8'],
-                        cos['builtin_int8'], cells('check_value', '%.4f')))
+                        cos['builtin_int8'], _peer_cells(own, 'check_value', '%.4f')))
     return '\n'.join(lines)
 
 

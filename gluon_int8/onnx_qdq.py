@@ -501,7 +501,7 @@ def strided_slices_as_pools(g: _Graph) -> int:
     output is bit for bit the same. Returns how many."""
     from onnx import helper  # pylint: disable=import-outside-toplevel
     uses, outputs, count = readers(g.graph), {o.name for o in g.graph.output}, 0
-    for k, node in enumerate(g.graph.node):
+    for node in g.graph.node:
         step = _strided_slice_step(g, node)
         conv = uses.get(node.output[0], [None])[0] if step else None
         if conv is None or len(uses[node.output[0]]) != 1 or node.output[0] in outputs \
@@ -511,10 +511,10 @@ def strided_slices_as_pools(g: _Graph) -> int:
         if attrs.get('kernel_shape') != [1, 1] or attrs.get('strides', [1, 1]) != [1, 1] or \
                 any(attrs.get('pads', ())) or attrs.get('dilations', [1, 1]) != [1, 1]:
             continue
-        pool = helper.make_node('MaxPool', [node.input[0]], list(node.output), name=node.name,
-                                kernel_shape=[1, 1], strides=[step, step])
-        g.graph.node.remove(node)
-        g.graph.node.insert(k, pool)
+        node.op_type = 'MaxPool'  # in place: its starts/ends/axes/steps become unused
+        del node.input[1:]
+        node.attribute.extend([helper.make_attribute('kernel_shape', [1, 1]),
+                               helper.make_attribute('strides', [step, step])])
         count += 1
     return count
 

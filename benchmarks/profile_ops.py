@@ -34,7 +34,7 @@ def build(model: str, batch: int):
     mx.random.seed(0)
     calib = [mx.nd.random.uniform(-1, 1, shape=(16,) + preset.input_shape) for _ in range(2)]
     net = zoo.get_model(model, quantized=False, bn_batch=calib[0])
-    qnet = gluon_int8.quantize_net(net, calib, mode='naive', **dict(preset.quantize_kwargs))
+    qnet = gluon_int8.quantize_net(net, calib, mode='naive', **zoo.quantize_options(net, preset))
     blocks = bench.variants(net, calib[:1], qnet)
     x = mx.nd.random.uniform(-1, 1, shape=(batch,) + preset.input_shape)
     return {'fusion': blocks['fusion'], 'int8': blocks['int8']}, x

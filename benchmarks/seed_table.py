@@ -106,7 +106,7 @@ def measure(name, batch, runs, lat_runs, with_onnx=True):
                                                            CALIB_BATCH_SIZE, CHECK_BATCH)
     calib = [mx.nd.array(b) for b in calib]
     start = time.perf_counter()
-    qnet = gluon_int8.quantize_net(net, calib, mode='naive', **dict(preset.quantize_kwargs))
+    qnet = gluon_int8.quantize_net(net, calib, mode='naive', **zoo.quantize_options(net, preset))
     calib_seconds = time.perf_counter() - start
     blocks = bench.variants(net, calib[:1], qnet)
     start = time.perf_counter()

@@ -135,7 +135,7 @@ def run_one(name, mode, timing=True):
     zoo.set_batchnorm_statistics(net, images[:family.batch_size or 16])  # fixed: its size
     start = time.perf_counter()
     qnet = gluon_int8.quantize_net(net, batched(images[:16], family.batch_size), mode=mode,
-                                   **dict(family.quantize_kwargs))
+                                   **zoo.quantize_options(net, family))
     row['quantize_seconds'] = time.perf_counter() - start
     row['int8_layers'], row['fp32_layers'] = len(qnet.int8_layers), len(qnet.fp32_layers)
     test = images[16:32]

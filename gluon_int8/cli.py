@@ -259,7 +259,7 @@ def cmd_bench(args):
         net = zoo.get_model(args.model, quantized=False)
         _check_shape(net, shape)
         calib = [mx.nd.random.uniform(-1, 1, shape=(16,) + shape)]
-        qnet = gluon_int8.quantize_net(net, calib, mode='naive', **dict(family.quantize_kwargs))
+        qnet = gluon_int8.quantize_net(net, calib, mode='naive', **zoo.quantize_options(net, family))
         blocks, title = bench.variants(net, calib, qnet), args.model
     else:
         shape = args.input_shape or (3, 224, 224)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from conftest import cosine
-from gluon_int8 import zoo
+from gluon_int8 import op_table, zoo
 
 FAMILIES = {
     'se_resnext50_32x4d': '',
@@ -29,6 +29,40 @@ def test_no_preset_works_around_a_kernel():
         assert 'exclude_operators' not in dict(family.quantize_kwargs), key
 
 
+class _TwoConvs(mx.gluon.HybridBlock):
+    def __init__(self):
+        super().__init__()
+        self.first = mx.gluon.nn.Conv2D(4, 3, in_channels=3)
+        self.second = mx.gluon.nn.Conv2D(4, 3, in_channels=4)
+
+    def hybrid_forward(self, F, x):
+        return self.second(F.relu(self.first(x)))
+
+
+@pytest.mark.parametrize('vnni, override, preset_choice, fp32', [
+    (False, None, None, True), (True, None, None, False),      # the preset leaves it to the CPU
+    (False, False, None, False), (True, True, None, True),     # the caller decides
+    (False, None, False, False), (True, None, True, True)])    # the preset decides
+def test_first_conv_fp32(monkeypatch, vnni, override, preset_choice, fp32):
+    """The first conv is excluded by its traced name where it stays FP32; the other
+    options pass through, the caller's exclusions kept."""
+    monkeypatch.setattr(zoo, 'has_vnni', lambda: vnni)
+    net = _TwoConvs()
+    net.initialize()
+    family = zoo.Preset((3, 8, 8), (('quantize_mode', 'smart'),), preset_choice)
+    options = zoo.quantize_options(net, family, override, {'exclude_layers': ['mine']})
+    first = zoo.first_conv(net, family)
+    assert first.startswith(net.first.name)
+    assert options == {'quantize_mode': 'smart',
+                       'exclude_layers': ['mine', first] if fp32 else ['mine']}
+
+
+def test_exclude_first_conv_takes_a_bool():
+    with pytest.raises(TypeError, match=r"exclude_first_conv: got 'yes'; expected True, False "
+                                        r"or None"):
+        zoo.quantize_options(None, zoo.Preset(), 'yes')
+
+
 def _mobilenetv3_small(**kwargs):
     """FP32 and INT8 mobilenetv3_small with the same random weights, and a test batch."""
     rng = np.random.RandomState(0)
@@ -42,9 +76,11 @@ def _mobilenetv3_small(**kwargs):
 
 
 def _check_runs(net, qnet, x):
-    """INT8 convs, finite outputs (batch 2, then batch 1 twice), a cosine that is a number."""
-    convs = [l for l in qnet.layers if l.op == '_sg_mkldnn_conv']
+    """INT8 convs (the first FP32 on a CPU without VNNI: the preset's), finite outputs
+    (batch 2, then batch 1 twice), a cosine that is a number."""
+    first, *convs = [l for l in qnet.layers if l.op == '_sg_mkldnn_conv']
     assert convs and all(l.dtype == 'int8' for l in convs)
+    assert first.dtype == ('int8' if op_table.has_vnni() else 'fp32')
     out = qnet(x)
     assert np.isfinite(out.asnumpy()).all()
     for _ in range(2):  # batch 1, twice: the static_alloc path the sweep's latency runs take

@@ -148,6 +148,8 @@ def get_model(name: str, quantized: bool = True, calib_data=None, mode: str = 'e
     :func:`set_batchnorm_statistics`). ``quantize_kwargs`` override the preset's options.
     ``calib_data`` may be the path of an image folder or a ``.rec``: it is read with the
     preset's preprocessing, shuffled with seed 0 (an ``ImageSource`` for other settings).
+    ``exclude_first_conv``: True/False, or None for the preset's choice
+    (:func:`quantize_options`).
     """
     from gluoncv.model_zoo import get_model as gluoncv_get_model
     from .api import quantize_net

@@ -117,7 +117,7 @@ def measure(name, batch, runs, lat_runs, with_onnx=True):
     timed = {v: blocks[v] for v in VARIANTS}
     with tempfile.TemporaryDirectory() as folder:
         if with_onnx and name in ONNX_MODELS:
-            runtimes = onnx_variants(qnet, folder)
+            runtimes = onnx_variants(onnx_source(net, calib, preset, qnet), folder)
             row['cosine_vs_fp32'] = cosines(net, dict(
                 int8=qnet, builtin_int8=blocks['builtin_int8'], **runtimes), check)
             print('  cosine vs FP32: %s' % ', '.join('%s %.4f' % kv for kv in
@@ -126,6 +126,17 @@ def measure(name, batch, runs, lat_runs, with_onnx=True):
         row.update(bench.measure(timed, preset.input_shape, batch, runs, lat_runs,
                                  report=print_result))
     return row
+
+
+def onnx_source(net, calib, preset, qnet):
+    """What the ONNX rows export: ``qnet``; or, where the preset keeps the first conv FP32
+    for MXNet's kernels (on CPUs without VNNI: :func:`gluon_int8.zoo.quantize_options`),
+    the same quantization with the first conv INT8. ONNX Runtime and OpenVINO have kernels
+    of their own, and the export carries no MXNet kernel workaround over."""
+    options = zoo.quantize_options(net, preset, exclude_first_conv=False)
+    if options == zoo.quantize_options(net, preset):
+        return qnet
+    return gluon_int8.quantize_net(net, calib, mode='naive', **options)
 
 
 def print_result(variant, latency, images_per_s):

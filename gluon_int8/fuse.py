@@ -45,9 +45,14 @@ FP32_BACKEND = 'MKLDNN'
 QUANTIZE_BACKEND = 'MKLDNN_QUANTIZE'
 
 # fused vs traced: a difference beyond this fraction of the output's largest magnitude is
-# not float rounding (the defect above is 85% of it)
+# not float rounding (the defect above is 85% of it)...
 VERIFY_RTOL = 1e-3
 VERIFY_EXAMPLES = 4
+# ... unless the network itself moves that tensor as much when its input moves by a few
+# float32 ulps (INPUT_NUDGE, relative): fused ops round differently, and a chaotic random
+# network, or NMS, makes that visible. A tensor may differ by NUDGE_MARGIN x its own move.
+INPUT_NUDGE = 2.0 ** -20
+NUDGE_MARGIN = 10.0
 COPY_SUFFIX = '_fusecopy'
 _COPY = re.compile(r'%s\d+(?=_output|$)' % COPY_SUFFIX)
 
@@ -307,7 +312,13 @@ def _differs(got: np.ndarray, want: np.ndarray) -> float:
 def verify(fused: mx.sym.Symbol, traced: mx.sym.Symbol, data_names: Sequence[str], params,
            batch: Sequence[mx.nd.NDArray], examples: int = VERIFY_EXAMPLES) -> None:
     """Raise :class:`FusionError` unless ``fused`` computes what ``traced`` computes on the
-    first ``examples`` examples of ``batch``, naming the first fused node that differs."""
+    first ``examples`` examples of ``batch``, naming the first fused node that differs.
+
+    A difference beyond :data:`VERIFY_RTOL` is then checked tensor by tensor against how
+    much the traced network itself moves each tensor when its input moves by
+    :data:`INPUT_NUDGE`: the fused graph rounds differently, and NMS after a chaotic
+    random backbone turns that into other boxes (yolo3_mobilenet1.0_voc: a head's slice
+    off by 0.00101 fused, and by 0.00101 with the input nudged; its NMS output 100%)."""
     inputs = [b[:examples] for b in batch]
     if not all(np.isfinite(i.asnumpy()).all() for i in inputs):
         return  # NaN/Inf in the data (a ReLU turns NaN into 0 in one graph and not the
@@ -319,29 +330,42 @@ def verify(fused: mx.sym.Symbol, traced: mx.sym.Symbol, data_names: Sequence[str
     worst = max(_differs(g, w) for g, w in zip(got, want))
     if worst <= VERIFY_RTOL:
         return
-    node, error = _first_difference(fused, traced, data_names, params, inputs)
+    node, error, moved = _first_difference(fused, traced, data_names, params, inputs)
+    if node is None:
+        log.info('fuse: the fused graph\'s outputs differ from the network\'s by %.3g of their '
+                 'magnitude, within what an input change of %.2g moves each tensor: float '
+                 'rounding, not a fusion defect', worst, INPUT_NUDGE)
+        return
     raise FusionError(
         'fuse: the oneDNN-fused FP32 graph computes something else than the network '
         '(outputs off by %.3g of their magnitude); the first fused node that differs is %r '
-        '(off by %.3g), so no model was built. This is a defect of MXNet\'s fusion pass '
-        'that gluon_int8.fuse.guard does not cover yet: please report the network'
-        % (worst, node, error))
+        '(off by %.3g, where an input change of %.2g moves it by %.3g), so no model was '
+        'built. This is a defect of MXNet\'s fusion pass that gluon_int8.fuse.guard does not '
+        'cover yet: please report the network' % (worst, node, error, INPUT_NUDGE, moved))
 
 
-def _first_difference(fused, traced, data_names, params, inputs) -> Tuple[Optional[str], float]:
+def _first_difference(fused, traced, data_names, params, inputs
+                      ) -> Tuple[Optional[str], float, float]:
     """The first fused node (graph order) whose output differs from the traced tensor of
     the same name (:func:`tensor_names`: a fused node computes its subgraph head's
-    output)."""
+    output) beyond :data:`VERIFY_RTOL` and :data:`NUDGE_MARGIN` times the traced tensor's
+    own move under an input change of :data:`INPUT_NUDGE`; with its difference and that
+    move. The graph outputs are checked the same way last (named ``None``: no node)."""
     names = tensor_names(fused)
     pairs = [(node, out, names[out]) for node, idx, out in graph_outputs(fused)
              if idx == 0 and out in names]
+    pairs += [(None, f, t) for f, t in zip(fused.list_outputs(), traced.list_outputs())]
     fused_out = dict(zip(fused.get_internals().list_outputs(),
                          _outputs(fused.get_internals(), data_names, params, inputs)))
-    traced_out = dict(zip(traced.get_internals().list_outputs(),
-                          _outputs(traced.get_internals(), data_names, params, inputs)))
+    internals = traced.get_internals()
+    traced_out = dict(zip(internals.list_outputs(),
+                          _outputs(internals, data_names, params, inputs)))
+    nudged = dict(zip(internals.list_outputs(), _outputs(
+        internals, data_names, params, [i * (1 + INPUT_NUDGE) for i in inputs])))
     for name, fused_name, traced_name in pairs:
         if fused_name in fused_out and traced_name in traced_out:
             error = _differs(fused_out[fused_name], traced_out[traced_name])
-            if error > VERIFY_RTOL:
-                return name, error
-    return None, float('nan')
+            moved = _differs(nudged[traced_name], traced_out[traced_name])
+            if error > max(VERIFY_RTOL, NUDGE_MARGIN * moved):
+                return name or fused_name, error, moved
+    return None, float('nan'), float('nan')

@@ -350,7 +350,7 @@ def _first_difference(fused, traced, data_names, params, inputs
     the same name (:func:`tensor_names`: a fused node computes its subgraph head's
     output) beyond :data:`VERIFY_RTOL` and :data:`NUDGE_MARGIN` times the traced tensor's
     own move under an input change of :data:`INPUT_NUDGE`; with its difference and that
-    move. The graph outputs are checked the same way last (named ``None``: no node)."""
+    move; ``None`` when none does. The graph outputs are checked last, named by themselves."""
     names = tensor_names(fused)
     pairs = [(node, out, names[out]) for node, idx, out in graph_outputs(fused)
              if idx == 0 and out in names]

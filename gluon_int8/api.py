@@ -77,13 +77,18 @@ def _choice(param: str, value, allowed: Sequence[str]) -> str:
     return value
 
 
-def _names(param: str, value) -> tuple:
+def _names(param: str, value):
+    """A tuple of rules, or for a dict (rule -> the reason the layer table shows) the dict."""
     if value is None:
         return ()
     if isinstance(value, str):
         value = [value]
+    if isinstance(value, Mapping) and all(isinstance(k, str) and isinstance(v, str)
+                                          for k, v in value.items()):
+        return dict(value)
     if not isinstance(value, (list, tuple, set)) or not all(isinstance(v, str) for v in value):
-        raise TypeError('%s: got %r; expected a list of str' % (param, value))
+        raise TypeError('%s: got %r; expected a list of str, or a dict of str -> str (the '
+                        'reason to show)' % (param, value))
     return tuple(value)
 
 
@@ -168,9 +173,10 @@ def quantize_net(block: HybridBlock, calib_data=None, mode='entropy', *,
         Weight scales per tensor or per output channel.
     quantize_mode : {'full', 'smart'}
         MXNet's pass mode: quantize every op that has an INT8 kernel, or only where it pays.
-    exclude_layers, exclude_layers_match, exclude_operators : list of str
+    exclude_layers, exclude_layers_match, exclude_operators : list of str, or dict
         Layers kept FP32: exact names, glob/regex patterns, op types; matched against the
-        fused node names and the original layer names inside them.
+        fused node names and the original layer names inside them. A dict maps each rule
+        to the reason the layer table shows (a list's reason names the option and rule).
     num_calib_batches, num_calib_examples : int
         Stop calibration after this many batches / examples.
     percentile : float

@@ -110,23 +110,28 @@ def resolve_exclusions(nodes: Sequence[Node], exclude_layers: Iterable[str] = ()
 
     Every rule is matched against the node's own name (op type) and against the names
     (op types) of the original layers fused into it. A rule that matches nothing logs a
-    warning naming it.
+    warning naming it. Rules given as a dict carry their reason (``rule -> reason``);
+    the reason then reads ``'<reason> (<option>=<rule>)'``, else ``'user: <option>=<rule>'``.
     """
+    def with_reasons(rules) -> Dict[str, str]:
+        return dict(rules) if isinstance(rules, Mapping) else dict.fromkeys(rules, '')
+
     excluded: Dict[str, str] = {}
-    rules = ([('exclude_layers', r, lambda n, r=r: r in (n.name,) + n.inner_names)
-              for r in exclude_layers]
-             + [('exclude_layers_match', r, lambda n, r=r: any(_pattern_matches(r, x) for x
-                                                                in (n.name,) + n.inner_names))
-                for r in exclude_layers_match]
-             + [('exclude_operators', r, lambda n, r=r: r in (n.op,) + n.inner_ops)
-                for r in exclude_operators])
-    for option, rule, matches in rules:
+    rules = ([('exclude_layers', r, why, lambda n, r=r: r in (n.name,) + n.inner_names)
+              for r, why in with_reasons(exclude_layers).items()]
+             + [('exclude_layers_match', r, why, lambda n, r=r: any(
+                 _pattern_matches(r, x) for x in (n.name,) + n.inner_names))
+                for r, why in with_reasons(exclude_layers_match).items()]
+             + [('exclude_operators', r, why, lambda n, r=r: r in (n.op,) + n.inner_ops)
+                for r, why in with_reasons(exclude_operators).items()])
+    for option, rule, why, matches in rules:
         hits = [n.name for n in nodes if matches(n)]
         if not hits:
             log.warning('%s: %r matches no layer of the graph; nothing excluded for it',
                         option, rule)
         for name in hits:
-            excluded.setdefault(name, 'user: %s=%r' % (option, rule))
+            excluded.setdefault(name, '%s (%s=%r)' % (why, option, rule) if why
+                                else 'user: %s=%r' % (option, rule))
     return excluded
 
 

@@ -37,6 +37,9 @@ class Preset:
     preprocess: Preprocess = IMAGENET  # images from a folder or .rec -> input_shape
 
 
+FIRST_CONV_REASON = ('zoo preset: the first conv stays FP32 on CPUs without VNNI, where oneDNN '
+                     'gives it 7-bit weights (signed input) or 7-bit input codes (uint8)')
+
 PRESETS = {
     '': Preset(),
     'inceptionv3': Preset((3, 299, 299), why='299x299 input; the first conv FP32 on CPUs '
@@ -204,18 +207,26 @@ def quantize_options(net, family: Preset, exclude_first_conv: Optional[bool] = N
     little from INT8. Measured on this AVX2 machine (zoo sweep, random weights, cosine of
     INT8 to FP32): resnet50_v1d 0.963 -> 0.979, vgg16_bn 0.942 -> 0.965, hrnet_w18_small_v1_c
     0.976 -> 0.985; batch-1 latency resnet50_v1 36.7 -> 39.2 ms, mobilenet1.0 7.9 -> 8.1 ms,
-    inceptionv3 unchanged (76 ms).
+    inceptionv3 unchanged (76 ms). The layer table gives the reason (``exclude_layers``
+    becomes a dict, rule -> reason).
     """
     if exclude_first_conv is not None and not isinstance(exclude_first_conv, bool):
         raise TypeError('exclude_first_conv: got %r; expected True, False or None (the '
                         "preset's choice)" % (exclude_first_conv,))
     options = dict(family.quantize_kwargs)
     options.update(quantize_kwargs or {})
-    choice = exclude_first_conv if exclude_first_conv is not None else family.first_conv_fp32
-    if choice is None:
-        choice = not has_vnni()
+    if exclude_first_conv is not None:
+        choice, why = exclude_first_conv, 'exclude_first_conv=True'
+    elif family.first_conv_fp32 is not None:
+        choice, why = family.first_conv_fp32, 'zoo preset: first_conv_fp32=True'
+    else:
+        choice, why = not has_vnni(), FIRST_CONV_REASON
     if choice:
-        options['exclude_layers'] = list(options.get('exclude_layers') or ()) + [first_conv(net, family)]
+        given = options.get('exclude_layers') or ()
+        given = [given] if isinstance(given, str) else given
+        options['exclude_layers'] = {**(dict(given) if isinstance(given, dict)
+                                        else dict.fromkeys(given, '')),
+                                     first_conv(net, family): why}
     return options
 
 

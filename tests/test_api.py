@@ -1,6 +1,7 @@
 """Tier 2: quantize_net's options, data forms, tables, exclusions and export/load."""
 import logging
 import os
+import re
 
 import mxnet as mx
 import numpy as np
@@ -90,6 +91,15 @@ def test_calib_table_that_does_not_fit_is_refused(pool_net, tmp_path):
         gluon_int8.quantize_net(other, calib_table=path, allow_table_mismatch=True)
 
 
+@pytest.mark.parametrize('param, value', [('exclude_layers', 5),
+                                          ('exclude_layers_match', [r'^conv', 3]),
+                                          ('exclude_operators', {'Pooling': 1})])
+def test_exclusions_take_names_or_names_with_reasons(param, value):
+    with pytest.raises(TypeError, match=r'%s: got %s; expected a list of str, or a dict of '
+                                        r'str -> str' % (param, re.escape(repr(value)))):
+        gluon_int8.api.validate(**{param: value})
+
+
 def test_exclusions_by_name_pattern_and_op(pool_net, caplog):
     net, data = pool_net
     full = gluon_int8.quantize_net(net, data[:32])
@@ -97,7 +107,12 @@ def test_exclusions_by_name_pattern_and_op(pool_net, caplog):
     inner = next(r.layers[0] for r in full.layers if r.name == first_conv)  # e.g. conv0_fwd
     by_name = gluon_int8.quantize_net(net, data[:32], exclude_layers=[inner])
     assert first_conv in by_name.fp32_layers
-    assert 'exclude_layers' in by_name.fp32_layers[first_conv]
+    assert by_name.fp32_layers[first_conv] == 'user: exclude_layers=%r' % inner
+    with_reason = gluon_int8.quantize_net(net, data[:32], exclude_layers={inner: 'my reason'},
+                                          exclude_operators={'Pooling': 'pools'})
+    assert with_reason.fp32_layers[first_conv] == 'my reason (exclude_layers=%r)' % inner
+    assert all(why == "pools (exclude_operators='Pooling')"
+               for n, why in with_reason.fp32_layers.items() if n != first_conv)
     by_glob = gluon_int8.quantize_net(net, data[:32], exclude_layers_match=['*pool*'])
     assert any('pool' in n for n in by_glob.fp32_layers)
     by_regex = gluon_int8.quantize_net(net, data[:32], exclude_layers_match=[r'^sg_mkldnn_fully'])

@@ -53,8 +53,10 @@ def test_first_conv_fp32(monkeypatch, vnni, override, preset_choice, fp32):
     options = zoo.quantize_options(net, family, override, {'exclude_layers': ['mine']})
     first = zoo.first_conv(net, family)
     assert first.startswith(net.first.name)
+    why = ('exclude_first_conv=True' if override else 'zoo preset: first_conv_fp32=True'
+           if preset_choice else zoo.FIRST_CONV_REASON)
     assert options == {'quantize_mode': 'smart',
-                       'exclude_layers': ['mine', first] if fp32 else ['mine']}
+                       'exclude_layers': {'mine': '', first: why} if fp32 else ['mine']}
 
 
 def test_exclude_first_conv_takes_a_bool():
@@ -81,6 +83,7 @@ def _check_runs(net, qnet, x):
     first, *convs = [l for l in qnet.layers if l.op == '_sg_mkldnn_conv']
     assert convs and all(l.dtype == 'int8' for l in convs)
     assert first.dtype == ('int8' if op_table.has_vnni() else 'fp32')
+    assert op_table.has_vnni() or first.reason.startswith(zoo.FIRST_CONV_REASON)
     out = qnet(x)
     assert np.isfinite(out.asnumpy()).all()
     for _ in range(2):  # batch 1, twice: the static_alloc path the sweep's latency runs take

@@ -45,9 +45,9 @@ class Options:
     quantized_dtype: str
     granularity: str
     quantize_mode: str
-    exclude_layers: tuple
-    exclude_layers_match: tuple
-    exclude_operators: tuple
+    exclude_layers: Union[tuple, dict]        # rules, or rule -> reason
+    exclude_layers_match: Union[tuple, dict]
+    exclude_operators: Union[tuple, dict]
     num_calib_batches: Optional[int]
     num_calib_examples: Optional[int]
     percentile: float

@@ -106,7 +106,8 @@ def measure(name, batch, runs, lat_runs, with_onnx=True):
                                                            CALIB_BATCH_SIZE, CHECK_BATCH)
     calib = [mx.nd.array(b) for b in calib]
     start = time.perf_counter()
-    qnet = gluon_int8.quantize_net(net, calib, mode='naive', **zoo.quantize_options(net, preset))
+    options = zoo.quantize_options(net, preset)
+    qnet = gluon_int8.quantize_net(net, calib, mode='naive', **options)
     calib_seconds = time.perf_counter() - start
     blocks = bench.variants(net, calib[:1], qnet)
     start = time.perf_counter()
@@ -117,7 +118,7 @@ def measure(name, batch, runs, lat_runs, with_onnx=True):
     timed = {v: blocks[v] for v in VARIANTS}
     with tempfile.TemporaryDirectory() as folder:
         if with_onnx and name in ONNX_MODELS:
-            runtimes = onnx_variants(onnx_source(net, calib, preset, qnet), folder)
+            runtimes = onnx_variants(onnx_source(net, calib, preset, qnet, options), folder)
             row['cosine_vs_fp32'] = cosines(net, dict(
                 int8=qnet, builtin_int8=blocks['builtin_int8'], **runtimes), check)
             print('  cosine vs FP32: %s' % ', '.join('%s %.4f' % kv for kv in
@@ -128,15 +129,16 @@ def measure(name, batch, runs, lat_runs, with_onnx=True):
     return row
 
 
-def onnx_source(net, calib, preset, qnet):
-    """What the ONNX rows export: ``qnet``; or, where the preset keeps the first conv FP32
-    for MXNet's kernels (on CPUs without VNNI: :func:`gluon_int8.zoo.quantize_options`),
-    the same quantization with the first conv INT8. ONNX Runtime and OpenVINO have kernels
-    of their own, and the export carries no MXNet kernel workaround over."""
-    options = zoo.quantize_options(net, preset, exclude_first_conv=False)
-    if options == zoo.quantize_options(net, preset):
+def onnx_source(net, calib, preset, qnet, options):
+    """What the ONNX rows export: ``qnet`` (quantized with ``options``); or, where the
+    preset keeps the first conv FP32 for MXNet's kernels (on CPUs without VNNI:
+    :func:`gluon_int8.zoo.quantize_options`), the same quantization with the first conv
+    INT8. ONNX Runtime and OpenVINO have kernels of their own, and the export carries no
+    MXNet kernel workaround over."""
+    int8_first = zoo.quantize_options(net, preset, exclude_first_conv=False)
+    if int8_first == options:
         return qnet
-    return gluon_int8.quantize_net(net, calib, mode='naive', **options)
+    return gluon_int8.quantize_net(net, calib, mode='naive', **int8_first)
 
 
 def print_result(variant, latency, images_per_s):

@@ -103,6 +103,14 @@ def _pattern_matches(pattern: str, name: str) -> bool:
         return False
 
 
+def reasons_of(rules) -> Dict[str, str]:
+    """Exclusion rules as rule -> reason: a dict as it is, a str or a list of them with
+    no reason ('')."""
+    if isinstance(rules, Mapping):
+        return dict(rules)
+    return dict.fromkeys([rules] if isinstance(rules, str) else rules or (), '')
+
+
 def resolve_exclusions(nodes: Sequence[Node], exclude_layers: Iterable[str] = (),
                        exclude_layers_match: Iterable[str] = (),
                        exclude_operators: Iterable[str] = ()) -> Dict[str, str]:
@@ -113,17 +121,14 @@ def resolve_exclusions(nodes: Sequence[Node], exclude_layers: Iterable[str] = ()
     warning naming it. Rules given as a dict carry their reason (``rule -> reason``);
     the reason then reads ``'<reason> (<option>=<rule>)'``, else ``'user: <option>=<rule>'``.
     """
-    def with_reasons(rules) -> Dict[str, str]:
-        return dict(rules) if isinstance(rules, Mapping) else dict.fromkeys(rules, '')
-
     excluded: Dict[str, str] = {}
     rules = ([('exclude_layers', r, why, lambda n, r=r: r in (n.name,) + n.inner_names)
-              for r, why in with_reasons(exclude_layers).items()]
+              for r, why in reasons_of(exclude_layers).items()]
              + [('exclude_layers_match', r, why, lambda n, r=r: any(
                  _pattern_matches(r, x) for x in (n.name,) + n.inner_names))
-                for r, why in with_reasons(exclude_layers_match).items()]
+                for r, why in reasons_of(exclude_layers_match).items()]
              + [('exclude_operators', r, why, lambda n, r=r: r in (n.op,) + n.inner_ops)
-                for r, why in with_reasons(exclude_operators).items()])
+                for r, why in reasons_of(exclude_operators).items()])
     for option, rule, why, matches in rules:
         hits = [n.name for n in nodes if matches(n)]
         if not hits:

@@ -20,6 +20,7 @@ from . import mxnet_private
 from .data import DEFAULT_BATCH_SIZE
 from .datasets import IMAGENET, PREPROCESS, ImageSource, Preprocess
 from .op_table import has_vnni
+from .quantize_graph import reasons_of
 
 log = logging.getLogger(__name__)
 
@@ -222,10 +223,7 @@ def quantize_options(net, family: Preset, exclude_first_conv: Optional[bool] = N
     else:
         choice, why = not has_vnni(), FIRST_CONV_REASON
     if choice:
-        given = options.get('exclude_layers') or ()
-        given = [given] if isinstance(given, str) else given
-        options['exclude_layers'] = {**(dict(given) if isinstance(given, dict)
-                                        else dict.fromkeys(given, '')),
+        options['exclude_layers'] = {**reasons_of(options.get('exclude_layers')),
                                      first_conv(net, family): why}
     return options
 

@@ -18,13 +18,22 @@ outputs. Per model, four engines:
              at OpenVINO's default, which is what its INT8 ships with (bf16 for the ops
              left in floating point on this CPU; --ov-int8-precision f32 to force f32)
 
+and, with --gluon-int8-dir, gluon-int8's own QDQ export of the model (``<model>.onnx``)
+on the same two runtimes, built as ort_int8 / ov_int8 are run:
+
+  gluon_ort  ONNX Runtime session on that file
+  gluon_ov   OpenVINO on that file, precision hint as ov_int8's
+
 Every engine runs with the same thread count, taken from OMP_NUM_THREADS (or --threads):
 ONNX Runtime intra_op_num_threads (inter-op 1, sequential), OpenVINO
 INFERENCE_NUM_THREADS with one stream. OpenVINO models are reshaped to a static batch
 before compiling, as MXNet runs them with static_shape (where the CPU plugin cannot
 compile that, e.g. SSD, the dynamic-batch model is compiled and the row says so).
-Latency: median of --latency-runs at batch 1 after 10 warm-up runs; throughput: median
-of --runs at --batch (SSD: --ssd-batch) after 3 warm-up runs. Calibration wall time is
+A model's engines are built and checked first, then timed together in --rounds rounds
+that take the engines in turn, so load changes on the machine reach them alike. Per round
+latency is the median of --latency-runs at batch 1 after 10 warm-up runs, throughput the
+median of --runs at --batch (SSD: --ssd-batch) after 3 warm-up runs; a row reports the
+median over rounds (and keeps the rounds). Calibration wall time is
 recorded for the INT8 engines. Each engine's outputs on the check batch are compared with MXNet FP32: cosine
 (the worst over the outputs), or for detection models (post-NMS outputs reorder at the
 top-k cut-off) the fraction of MXNet's detections reproduced (same class, IoU >= 0.5,
@@ -51,6 +60,8 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENGINES = ('ort_fp32', 'ort_int8', 'ov_fp32', 'ov_int8')
+# gluon-int8's own INT8 export (--gluon-int8-dir) on each runtime
+GLUON_ENGINES = ('gluon_ort', 'gluon_ov')
 FP32_MIN_COSINE = 0.999
 FP32_MIN_DET_MATCH = 0.9
 
@@ -307,13 +318,14 @@ def nncf_int8(core, entry, calib):
 
 # ---- one model ----------------------------------------------------------------------
 
-def run_engine(engine, entry, calib, check, threads, batch, args, core):
-    """Build one engine on one model, check it against MXNet, time it; a result dict."""
+def build_engine(engine, entry, calib, check, threads, batch, args, core):
+    """Build one engine on one model and check it against MXNet: a result dict (without
+    timings) and its runners by batch size."""
     shape = entry['input_shape']
     result = {'engine': engine, 'threads': threads, 'batch': batch, 'calib_seconds': None}
     start = time.perf_counter()
-    if engine.startswith('ort'):
-        path = entry['path']
+    if engine in ('ort_fp32', 'ort_int8', 'gluon_ort'):
+        path = entry['gluon_int8'] if engine == 'gluon_ort' else entry['path']
         if engine == 'ort_int8':
             path, result['notes'] = ort_int8(entry, args.work, calib, threads)
             result['calib_seconds'] = time.perf_counter() - start
@@ -324,15 +336,14 @@ def run_engine(engine, entry, calib, check, threads, batch, args, core):
         import onnxruntime
         result['config'] = {'intra_op_num_threads': threads, 'inter_op_num_threads': 1,
                             'version': onnxruntime.__version__}
-        result['precision'] = 'QDQ u8 act / s8 wt' if engine == 'ort_int8' else 'f32'
+        result['precision'] = 'f32' if engine == 'ort_fp32' else 'QDQ u8 act / s8 wt'
     else:
         if engine == 'ov_int8':
             model = nncf_int8(core, entry, calib)
             result['calib_seconds'] = time.perf_counter() - start
-            precision = None if args.ov_int8_precision == 'default' else args.ov_int8_precision
         else:
-            model = core.read_model(entry['path'])
-            precision = 'f32'
+            model = core.read_model(entry['gluon_int8'] if engine == 'gluon_ov' else entry['path'])
+        precision = 'f32' if engine == 'ov_fp32' or args.ov_int8_precision == 'f32' else None
         build_start = time.perf_counter()
         runners, result['notes'] = {}, []
         for b in sorted({1, batch, check['data'].shape[0]}):
@@ -341,7 +352,7 @@ def run_engine(engine, entry, calib, check, threads, batch, args, core):
         result['build_seconds'] = time.perf_counter() - build_start
         import openvino
         result['config'] = dict(effective, version=openvino.get_version())
-        result['precision'] = ('int8 + %s' if engine == 'ov_int8' else '%s') % effective[
+        result['precision'] = ('%s' if engine == 'ov_fp32' else 'int8 + %s') % effective[
             'INFERENCE_PRECISION_HINT']
 
     outs = runners[check['data'].shape[0]](check['data'])
@@ -360,31 +371,52 @@ def run_engine(engine, entry, calib, check, threads, batch, args, core):
         limit = FP32_MIN_COSINE if fp32 else args.min_cosine
     result['check_limit'] = limit
     result['valid'] = bool(result['check_value'] >= limit)
+    result['status'] = 'ok'
+    return result, runners
 
+
+def time_engines(built, shape, batch, args):
+    """Latency and throughput of every built engine of one model, in ``args.rounds``
+    rounds that take the engines in turn (each round: a median over ``args.latency_runs``
+    at batch 1 and over ``args.runs`` at ``batch``, after warm-up), so that a change of
+    machine load reaches every engine alike. Each row gets the median over the rounds and
+    the rounds themselves."""
     rng = np.random.RandomState(1)
     x1 = rng.uniform(-1, 1, size=(1,) + tuple(shape)).astype(np.float32)
     xb = rng.uniform(-1, 1, size=(batch,) + tuple(shape)).astype(np.float32)
-    result['latency_ms'] = 1000.0 * timed_median(runners[1], x1, 10, args.latency_runs)
-    result['throughput'] = batch / timed_median(runners[batch], xb, 3, args.runs)
-    result['status'] = 'ok'
-    return result
+    for result, _ in built:
+        result['latency_ms_rounds'], result['throughput_rounds'] = [], []
+    for _ in range(args.rounds):
+        for result, runners in built:
+            result['latency_ms_rounds'].append(
+                1000.0 * timed_median(runners[1], x1, 10, args.latency_runs))
+            result['throughput_rounds'].append(
+                batch / timed_median(runners[batch], xb, 3, args.runs))
+    for result, _ in built:
+        result['latency_ms'] = statistics.median(result['latency_ms_rounds'])
+        result['throughput'] = statistics.median(result['throughput_rounds'])
 
 
 def measure_model(name, entry, threads, args, core):
+    """Every engine of ``args.engines`` on one model: built and checked one by one, then
+    timed together (:func:`time_engines`)."""
     calib = np.load(entry['calib'])
     check = dict(np.load(entry['check']))
     batch = args.ssd_batch if name.startswith('ssd') else args.batch
-    rows = []
+    rows, built = [], []
     for engine in args.engines.split(','):
         try:
-            row = run_engine(engine, entry, calib, check, threads, batch, args, core)
+            row, runners = build_engine(engine, entry, calib, check, threads, batch, args, core)
+            built.append((row, runners))
         except Exception as err:  # a runtime or quantizer that cannot take this graph
             row = {'engine': engine, 'status': 'failed', 'threads': threads, 'batch': batch,
                    'error': '%s: %s' % (type(err).__name__, str(err)[:2000]),
                    'traceback': traceback.format_exc(limit=-4)}
         row['model'] = name
-        print_row(row)
         rows.append(row)
+    time_engines(built, entry['input_shape'], batch, args)
+    for row in rows:
+        print_row(row)
     return rows
 
 
@@ -465,6 +497,13 @@ def main():
     parser.add_argument('--ssd-batch', type=int, default=16)
     parser.add_argument('--runs', type=int, default=10, help='timed throughput runs (median)')
     parser.add_argument('--latency-runs', type=int, default=50)
+    parser.add_argument('--rounds', type=int, default=1,
+                        help='time the engines of a model in this many alternating rounds '
+                             '(each of --runs / --latency-runs); the median over rounds counts')
+    parser.add_argument('--gluon-int8-dir', default=None,
+                        help="gluon-int8's INT8 export of each model, <model>.onnx (written "
+                             "by export(prefix, format='onnx')), for the engines %s"
+                             % ', '.join(GLUON_ENGINES))
     parser.add_argument('--min-cosine', type=float, default=0.95,
                         help='INT8 rows below this cosine vs MXNet FP32 are INVALID (default 0.95)')
     parser.add_argument('--min-det-match', type=float, default=0.5,
@@ -476,10 +515,15 @@ def main():
     parser.add_argument('--out', default=os.path.join(ROOT, 'results'))
     args = parser.parse_args()
     threads = thread_count(args.threads)
-    unknown = set(args.engines.split(',')) - set(ENGINES)
+    engines = args.engines.split(',')
+    unknown = set(engines) - set(ENGINES + GLUON_ENGINES)
     if unknown:
-        parser.error('--engines: unknown %s; allowed: %s' % (sorted(unknown), ', '.join(ENGINES)))
-    for flag in ('batch', 'ssd_batch', 'runs', 'latency_runs'):
+        parser.error('--engines: unknown %s; allowed: %s'
+                     % (sorted(unknown), ', '.join(ENGINES + GLUON_ENGINES)))
+    if set(engines) & set(GLUON_ENGINES) and not args.gluon_int8_dir:
+        parser.error('--engines: %s need --gluon-int8-dir'
+                     % ', '.join(e for e in engines if e in GLUON_ENGINES))
+    for flag in ('batch', 'ssd_batch', 'runs', 'latency_runs', 'rounds'):
         if getattr(args, flag) < 1:
             parser.error('--%s: got %d, must be >= 1'
                          % (flag.replace('_', '-'), getattr(args, flag)))
@@ -512,6 +556,8 @@ def main():
         for key in ('onnx', 'calib', 'check'):
             entry[key] = os.path.join(args.onnx_dir, entry[key])
         entry['path'] = entry['onnx']
+        if args.gluon_int8_dir:
+            entry['gluon_int8'] = os.path.join(args.gluon_int8_dir, name + '.onnx')
         print('%s (threads %d)' % (name, threads), flush=True)
         rows.extend(measure_model(name, entry, threads, args, core))
 
@@ -525,6 +571,7 @@ def main():
                            'nncf': nncf.__version__, 'numpy': np.__version__,
                            'exported_with': {k: manifest.get(k) for k in ('mxnet', 'onnx')}},
               'settings': {'latency_runs': args.latency_runs, 'runs': args.runs,
+                           'rounds': args.rounds,
                            'latency_warmup': 10, 'throughput_warmup': 3,
                            'min_cosine_int8': args.min_cosine, 'min_cosine_fp32': FP32_MIN_COSINE,
                            'calib': {k: manifest.get(k) for k in

@@ -18,7 +18,9 @@ quantizers on one network.
 the same run and table: after the MXNet rows, benchmarks/export_onnx.py exports the same
 networks and benchmarks/peers.py (in ``.venv-peers``) quantizes and times them with ONNX
 Runtime (``quantize_static``) and NNCF on OpenVINO, at the same batch, run counts and
-threads ("ORT's own", "NNCF's own"). Latency at batch 1 and throughput at batch 64 (SSD: --ssd-batch, default
+threads ("ORT's own", "NNCF's own"). peers.py also runs gluon-int8's own exports of those
+models on the same two runtimes beside them, in one process, timed in --rounds rounds that
+take the four in turn (the same-run table of seed_table_onnx.md). Latency at batch 1 and throughput at batch 64 (SSD: --ssd-batch, default
 16), medians over repeated runs after warm-up, every engine in this one process with the
 same OMP_NUM_THREADS.
 
@@ -55,6 +57,8 @@ ONNX_VARIANTS = {'ort_int8': 'onnxruntime', 'ov_int8': 'openvino'}  # gluon-int8
 CALIB_BATCHES, CALIB_BATCH_SIZE, CHECK_BATCH = 2, 16, 2  # export_onnx.py's defaults
 PEERS_PYTHON = os.path.join(ROOT, '.venv-peers', 'bin', 'python')
 PEER_ENGINES = {'ort_own': 'ort_int8', 'nncf_own': 'ov_int8'}  # column -> peers.py engine
+# gluon-int8's export timed by peers.py beside the peers' own INT8 (same process, rounds)
+SAME_RUN_ENGINES = {'ort_int8': 'gluon_ort', 'ov_int8': 'gluon_ov'}
 
 
 class NumpyTimed:
@@ -72,10 +76,11 @@ class NumpyTimed:
         return []
 
 
-def onnx_variants(qnet, folder):
-    """gluon-int8 -> ORT / -> OpenVINO: the INT8 block exported to ONNX, on each runtime."""
+def onnx_variants(qnet, prefix):
+    """gluon-int8 -> ORT / -> OpenVINO: the INT8 block exported to ``prefix``.onnx, on
+    each runtime."""
     from gluon_int8 import runtimes
-    path = qnet.export(os.path.join(folder, 'model'), format='onnx')[0]
+    path = qnet.export(prefix, format='onnx')[0]
     return {variant: runtimes.load_onnx(path, runtime)
             for variant, runtime in ONNX_VARIANTS.items()}
 
@@ -100,7 +105,9 @@ def builtin_int8(net, calib, preset):
     return qnet
 
 
-def measure(name, batch, runs, lat_runs, with_onnx=True):
+def measure(name, batch, runs, lat_runs, with_onnx=True, onnx_dir=None):
+    """One model's row; its gluon-int8 ONNX export is kept as ``onnx_dir``/<name>.onnx
+    (None: not kept)."""
     preset = zoo.preset(name)
     net, _, calib, check, _ = export_onnx.network_and_data(name, CALIB_BATCHES,
                                                            CALIB_BATCH_SIZE, CHECK_BATCH)
@@ -118,7 +125,8 @@ def measure(name, batch, runs, lat_runs, with_onnx=True):
     timed = {v: blocks[v] for v in VARIANTS}
     with tempfile.TemporaryDirectory() as folder:
         if with_onnx and name in ONNX_MODELS:
-            runtimes = onnx_variants(onnx_source(net, calib, preset, qnet, options), folder)
+            runtimes = onnx_variants(onnx_source(net, calib, preset, qnet, options),
+                                     os.path.join(onnx_dir or folder, name))
             row['cosine_vs_fp32'] = cosines(net, dict(
                 int8=qnet, builtin_int8=blocks['builtin_int8'], **runtimes), check)
             print('  cosine vs FP32: %s' % ', '.join('%s %.4f' % kv for kv in
@@ -172,10 +180,15 @@ def peer_threads():
     return threads
 
 
-def run_peers(models, args, threads):
+def run_peers(models, args, threads, gluon_dir):
     """The peers' own INT8 of ``models`` on the networks this table measured, from
-    export_onnx.py and peers.py run now: {model: {column: peers.py row}}."""
+    export_onnx.py and peers.py run now, and gluon-int8's exports in ``gluon_dir`` on the
+    same runtimes, timed by peers.py in one process with them in ``args.rounds``
+    alternating rounds: {model: {column: peers.py row}} (columns: PEER_ENGINES, and
+    'same_run_<variant>' for SAME_RUN_ENGINES)."""
     here = os.path.dirname(os.path.abspath(__file__))
+    engines = list(PEER_ENGINES.values()) + list(SAME_RUN_ENGINES.values())
+    columns = dict(PEER_ENGINES, **{'same_run_' + v: e for v, e in SAME_RUN_ENGINES.items()})
     with tempfile.TemporaryDirectory() as work:
         subprocess.run([sys.executable, os.path.join(here, 'export_onnx.py'), '--models',
                         ','.join(models), '--out', work, '--calib-batches', str(CALIB_BATCHES),
@@ -183,12 +196,13 @@ def run_peers(models, args, threads):
                         str(CHECK_BATCH)], check=True)
         subprocess.run([PEERS_PYTHON, os.path.join(here, 'peers.py'), '--models',
                         ','.join(models), '--onnx-dir', work, '--out', work, '--engines',
-                        ','.join(PEER_ENGINES.values()), '--threads', threads, '--batch',
-                        str(args.batch), '--runs', str(args.runs), '--latency-runs',
-                        str(args.latency_runs)], check=True)
+                        ','.join(engines), '--gluon-int8-dir', gluon_dir, '--threads',
+                        threads, '--batch', str(args.batch), '--runs', str(args.runs),
+                        '--latency-runs', str(args.latency_runs), '--rounds', str(args.rounds)],
+                       check=True)
         with open(os.path.join(work, 'peers.json')) as f:
             found = json.load(f)['rows']
-    return {m: {col: r for col, engine in PEER_ENGINES.items() for r in found
+    return {m: {col: r for col, engine in columns.items() for r in found
                 if r['model'] == m and r['engine'] == engine and r.get('status') == 'ok'}
             for m in models}
 
@@ -221,6 +235,34 @@ def onnx_markdown(rows):
         lines.append('| | %d | output cosine vs MXNet FP32 | %.4f | %.4f | %.4f | %.4f |%s'
                      % (CHECK_BATCH, cos['int8'], cos['ort_int8'], cos['ov_int8'],
                         cos['builtin_int8'], _peer_cells(own, 'check_value', '%.4f')))
+    return '\n'.join(lines)
+
+
+def same_run_markdown(rows):
+    """gluon-int8's export against each runtime's own INT8 (ORT quantize_static, NNCF), all
+    four timed by peers.py in one process, in alternating rounds: median [lowest, highest
+    round]."""
+    order = [('same_run_ort_int8', 'gluon-int8 -> ORT'), ('ort_own', "ORT's own"),
+             ('same_run_ov_int8', 'gluon-int8 -> OpenVINO'), ('nncf_own', "NNCF's own")]
+    lines = ['| Model | BS | Metric |%s' % ''.join(' %s |' % head for _, head in order),
+             '|---|---|---|' + '---|' * len(order)]
+
+    def cell(row, key, fmt):
+        if not row:
+            return ' - |'
+        spread = row.get(key + '_rounds', [row[key]])
+        return (' %s [%s-%s] |' % (fmt, fmt, fmt)) % (row[key], min(spread), max(spread))
+    for r in rows:
+        found = [r.get('peers', {}).get(col) for col, _ in order]
+        if not any(found[::2]):
+            continue
+        batch = next(f['batch'] for f in found if f)
+        lines.append('| %s | 1 | latency ms |%s' % (r['model'], ''.join(
+            cell(f, 'latency_ms', '%.2f') for f in found)))
+        lines.append('| | %d | img/s |%s' % (batch, ''.join(
+            cell(f, 'throughput', '%.1f') for f in found)))
+        lines.append('| | %d | output cosine vs MXNet FP32 |%s' % (CHECK_BATCH, ''.join(
+            ' %.4f |' % f['check_value'] if f else ' - |' for f in found)))
     return '\n'.join(lines)
 
 
@@ -281,6 +323,8 @@ def main():
     parser.add_argument('--peers', action='store_true',
                         help="the peers' own INT8 of the ONNX models in the same run "
                              '(.venv-peers)')
+    parser.add_argument('--rounds', type=int, default=5,
+                        help='--peers: alternating timing rounds of the runtimes (peers.py)')
     args = parser.parse_args()
     if args.peers and args.no_onnx:
         parser.error('--peers: compares with the gluon-int8 -> ORT / -> OpenVINO rows, which '
@@ -289,17 +333,24 @@ def main():
     logging.basicConfig(level=logging.WARNING)
     warnings.simplefilter('ignore')
     rows = []
-    for name in args.models.split(','):
-        print(name, flush=True)
-        rows.append(measure(name, args.ssd_batch if name.startswith('ssd') else args.batch,
-                            args.runs, args.latency_runs, with_onnx=not args.no_onnx))
-    if args.peers:
-        found = run_peers([r['model'] for r in rows if 'cosine_vs_fp32' in r], args, threads)
-        for r in rows:
-            r['peers'] = found.get(r['model'], {})
+    with tempfile.TemporaryDirectory() as gluon_dir:  # gluon-int8's ONNX exports, for --peers
+        for name in args.models.split(','):
+            print(name, flush=True)
+            rows.append(measure(name, args.ssd_batch if name.startswith('ssd') else args.batch,
+                                args.runs, args.latency_runs, with_onnx=not args.no_onnx,
+                                onnx_dir=gluon_dir))
+        if args.peers:
+            found = run_peers([r['model'] for r in rows if 'cosine_vs_fp32' in r], args,
+                              threads, gluon_dir)
+            for r in rows:
+                r['peers'] = found.get(r['model'], {})
     table = markdown(rows, bench.omp_threads())
     print('\n' + table)
     onnx_table = onnx_markdown(rows)
+    if args.peers:
+        onnx_table += ('\n\nIn one process (benchmarks/peers.py, .venv-peers), timed in %d '
+                       'alternating rounds; median [lowest-highest round]:\n\n%s'
+                       % (args.rounds, same_run_markdown(rows)))
     if any('cosine_vs_fp32' in r for r in rows):
         print('\n' + onnx_table)
     os.makedirs(args.out, exist_ok=True)

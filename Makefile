@@ -49,7 +49,7 @@ bench-seed: .venv/.installed
 bench-deploy: .venv/.onnx-installed .venv-peers/.installed
 	MXNET_ENGINE_TYPE=NaiveEngine KMP_AFFINITY=granularity=fine,compact,1,0 KMP_BLOCKTIME=1 \
 	  $(PY) benchmarks/seed_table.py --models resnet50_v1,mobilenet1.0,inceptionv3 --runs 5 \
-	  --latency-runs 30 --peers --out results/deploy
+	  --peers --rounds 5 --out results/deploy
 
 bench-sweep: .venv/.installed
 	$(PY) benchmarks/zoo_sweep.py

@@ -326,6 +326,8 @@ def main():
     parser.add_argument('--rounds', type=int, default=5,
                         help='--peers: alternating timing rounds of the runtimes (peers.py)')
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error('--rounds: got %d, must be >= 1' % args.rounds)
     if args.peers and args.no_onnx:
         parser.error('--peers: compares with the gluon-int8 -> ORT / -> OpenVINO rows, which '
                      '--no-onnx leaves out; pass one of them')

@@ -105,9 +105,8 @@ def builtin_int8(net, calib, preset):
     return qnet
 
 
-def measure(name, batch, runs, lat_runs, with_onnx=True, onnx_dir=None):
-    """One model's row; its gluon-int8 ONNX export is kept as ``onnx_dir``/<name>.onnx
-    (None: not kept)."""
+def measure(name, batch, runs, lat_runs, onnx_dir, with_onnx=True):
+    """One model's row; its gluon-int8 ONNX export is written as ``onnx_dir``/<name>.onnx."""
     preset = zoo.preset(name)
     net, _, calib, check, _ = export_onnx.network_and_data(name, CALIB_BATCHES,
                                                            CALIB_BATCH_SIZE, CHECK_BATCH)
@@ -123,17 +122,16 @@ def measure(name, batch, runs, lat_runs, with_onnx=True, onnx_dir=None):
            'calib_seconds': {'int8': calib_seconds,
                              'builtin_int8': time.perf_counter() - start}}
     timed = {v: blocks[v] for v in VARIANTS}
-    with tempfile.TemporaryDirectory() as folder:
-        if with_onnx and name in ONNX_MODELS:
-            runtimes = onnx_variants(onnx_source(net, calib, preset, qnet, options),
-                                     os.path.join(onnx_dir or folder, name))
-            row['cosine_vs_fp32'] = cosines(net, dict(
-                int8=qnet, builtin_int8=blocks['builtin_int8'], **runtimes), check)
-            print('  cosine vs FP32: %s' % ', '.join('%s %.4f' % kv for kv in
-                                                  row['cosine_vs_fp32'].items()), flush=True)
-            timed.update({v: NumpyTimed(b) for v, b in runtimes.items()})
-        row.update(bench.measure(timed, preset.input_shape, batch, runs, lat_runs,
-                                 report=print_result))
+    if with_onnx and name in ONNX_MODELS:
+        runtimes = onnx_variants(onnx_source(net, calib, preset, qnet, options),
+                                 os.path.join(onnx_dir, name))
+        row['cosine_vs_fp32'] = cosines(net, dict(
+            int8=qnet, builtin_int8=blocks['builtin_int8'], **runtimes), check)
+        print('  cosine vs FP32: %s' % ', '.join('%s %.4f' % kv for kv in
+                                              row['cosine_vs_fp32'].items()), flush=True)
+        timed.update({v: NumpyTimed(b) for v, b in runtimes.items()})
+    row.update(bench.measure(timed, preset.input_shape, batch, runs, lat_runs,
+                             report=print_result))
     return row
 
 
@@ -335,12 +333,12 @@ def main():
     logging.basicConfig(level=logging.WARNING)
     warnings.simplefilter('ignore')
     rows = []
-    with tempfile.TemporaryDirectory() as gluon_dir:  # gluon-int8's ONNX exports, for --peers
+    with tempfile.TemporaryDirectory() as gluon_dir:  # gluon-int8's ONNX exports
         for name in args.models.split(','):
             print(name, flush=True)
             rows.append(measure(name, args.ssd_batch if name.startswith('ssd') else args.batch,
-                                args.runs, args.latency_runs, with_onnx=not args.no_onnx,
-                                onnx_dir=gluon_dir))
+                                args.runs, args.latency_runs, gluon_dir,
+                                with_onnx=not args.no_onnx))
         if args.peers:
             found = run_peers([r['model'] for r in rows if 'cosine_vs_fp32' in r], args,
                               threads, gluon_dir)

@@ -90,6 +90,11 @@ def _gconv():
     return nn.Conv2D(16, 3, padding=1, groups=4, use_bias=False, in_channels=IMAGE[0])
 
 
+def _dwconv():
+    return nn.Conv2D(IMAGE[0], 3, padding=1, groups=IMAGE[0], use_bias=False,
+                     in_channels=IMAGE[0])
+
+
 def _dense():
     return nn.Dense(32, use_bias=False, in_units=VECTOR[0])
 
@@ -112,11 +117,13 @@ def _pool(kind: str):
 
 # pattern -> (build(num_inputs) -> (block), input shape, INT8 op of the target node)
 def _network(pattern: str, num_inputs: int):
-    base, _, form = pattern.partition('.')  # .w7, .ch, .wide: the same network
-    act = _ACTS.get(form, _relu)
+    base, _, form = pattern.partition('.')  # .w7, .ch, .wide, .full: the same network
+    act = _ACTS.get(form.replace('full', '').strip('.'), _relu)
     conv = _conv
     if base.startswith('gconv'):  # the same probe with a grouped conv
         base, conv = base[1:], _gconv
+    elif base.startswith('dwconv'):  # ... with a depthwise conv
+        base, conv = base[2:], _dwconv
     one = {
         'conv': (lambda s, F, x: F.flatten(s.c(x)), {'c': conv}, IMAGE, '_sg_mkldnn_conv'),
         'conv+act': (lambda s, F, x: F.flatten(act(F, s.c(x))), {'c': conv}, IMAGE,
@@ -188,12 +195,12 @@ def _layout_network(entry: Entry):
     return fn, {'c': _conv}, IMAGE, op
 
 
-def _grid(rng, shape, dtype: str, threshold: float) -> np.ndarray:
+def _grid(rng, shape, dtype: str, threshold: float, full: bool = False) -> np.ndarray:
     """Values on the grid of ``dtype`` at ``threshold``, as the graph quantizes them: a
-    uint8 input's range is written wider by op_table.uint8_range_factor, so its codes
-    are every factor-th code of the full grid."""
+    uint8 input's range is written wider by op_table.uint8_range_factor (unless ``full``:
+    at its threshold), so its codes are every factor-th code of the full grid."""
     lo, hi = CODE_RANGE[dtype]
-    every = int(op_table.uint8_range_factor()) if dtype == 'u8' else 1
+    every = int(op_table.uint8_range_factor()) if dtype == 'u8' and not full else 1
     codes = rng.randint(lo // every, hi // every + 1, size=shape) * every
     return (codes * (threshold / LEVELS[dtype])).astype(np.float32)
 
@@ -235,7 +242,8 @@ CLIPPED_RANGES = (0.7, 0.5)
 
 def _ranges(entry: Entry, fused, traced, layers, inputs, dtypes, thresholds, fraction: float
             ) -> Dict[str, tuple]:
-    """Exact ranges for the network inputs; every other calibrated output gets
+    """Exact ranges for the network inputs (a ``.full`` pattern's uint8 input written at
+    its threshold, codes up to 255); every other calibrated output gets
     ``fraction`` of its observed range, except that a ``.wide`` pattern gets the product
     of its input ranges (then nothing can exceed it)."""
     internals = fused.get_internals()
@@ -247,6 +255,8 @@ def _ranges(entry: Entry, fused, traced, layers, inputs, dtypes, thresholds, fra
         if name in traced.data_names:
             i = traced.data_names.index(name)
             t = thresholds[i]
+            if entry.pattern.endswith('.full'):  # widened by the factor: written at t
+                t /= op_table.uint8_range_factor()
             ranges[name] = (0.0, t) if dtypes[i] != 's8' else (-t, t)
         else:
             value = observed[name]
@@ -302,7 +312,9 @@ def measure(entry: Entry) -> Result:
                                                       **{k: f() for k, f in children.items()})
     _set_params(block, rng)
     thresholds = [2.0, 1.5][:len(dtypes)]
-    inputs = [mx.nd.array(_grid(rng, (BATCH,) + shape, d, t)) for d, t in zip(dtypes, thresholds)]
+    full = entry.pattern.endswith('.full')
+    inputs = [mx.nd.array(_grid(rng, (BATCH,) + shape, d, t, full))
+              for d, t in zip(dtypes, thresholds)]
     traced = trace(block, inputs)
     fused = fuse(traced.symbol)
     granularity = 'channel' if entry.pattern.endswith('.ch') else 'tensor'

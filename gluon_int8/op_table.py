@@ -16,6 +16,10 @@ with fused activation / residual sum / activation after the sum; ``gconv...``: t
 grouped conv, 1 < groups < filters, which oneDNN runs with other kernels: depthwise convs
 are ``conv``); ``fc``, ``fc+act``
 (with ``.w7``: 7-bit weights, ``.ch``: per-channel weights quantized by MXNet);
+``<conv pattern>.full``: the conv reading uint8 written at its threshold, codes up to 255
+(:func:`uint8_range_factor` widens every uint8 range where this is wrong), for a dense conv
+(``conv...``) and a depthwise one (``dwconv...``: groups = channels), measured, never
+planned;
 ``pool:max``, ``pool:avg`` (``:global``); ``concat``, ``add``, ``mul``, ``batchnorm``,
 ``act:relu``, ``flatten``; ``mul.wide``: a multiply whose output range is the product of
 its input ranges, so that nothing exceeds it (MXNet's INT8 multiply casts to int8 without
@@ -91,6 +95,8 @@ ENTRIES: Tuple[Entry, ...] = tuple(
      for p in ('conv', 'conv+act', 'conv+act.s', 'conv+act.clip') for c in _combos(DTYPES)]
     + [Entry(g + p, c) for g in ('', 'g') for p in ('conv+sum', 'conv+sum+act', 'conv+sum+act.s')
        for c in _combos(DTYPES, DTYPES)]
+    + [Entry(h + p + '.full', ('u8',)) for h in ('', 'dw')
+       for p in ('conv', 'conv+act', 'conv+act.s', 'conv+act.clip')]
     + [Entry(p, c) for p in ('fc', 'fc+act', 'fc.w7', 'fc+act.w7', 'fc.ch', 'fc+act.ch')
        for c in _combos(DTYPES)]
     + [Entry(p, c) for p in ('pool:max', 'pool:avg', 'pool:max:global', 'pool:avg:global',
@@ -115,6 +121,14 @@ RECORDED: Dict[str, Dict[str, Result]] = {
         'conv+act.s(s8)': Result('ok', 0.5, 's8'),
         'conv+act.clip(u8)': Result('wrong', 72.5, 'u8'),
         'conv+act.clip(s8)': Result('wrong', 72.5, 'u8'),
+        'conv.full(u8)': Result('wrong', 26.27, 's8'),
+        'conv+act.full(u8)': Result('wrong', 28.18, 'u8'),
+        'conv+act.s.full(u8)': Result('wrong', 26.93, 's8'),
+        'conv+act.clip.full(u8)': Result('wrong', 72.5, 'u8'),
+        'dwconv.full(u8)': Result('ok', 0.94, 's8'),
+        'dwconv+act.full(u8)': Result('ok', 1.2, 'u8'),
+        'dwconv+act.s.full(u8)': Result('ok', 1.03, 's8'),
+        'dwconv+act.clip.full(u8)': Result('wrong', 19.5, 'u8'),
         'gconv(u8)': Result('wrong', 8.12, 's8'),
         'gconv(s8)': Result('wrong', 8.34, 's8'),
         'gconv+act(u8)': Result('wrong', 5.26, 'u8'),

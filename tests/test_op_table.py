@@ -67,6 +67,10 @@ def test_uint8_at_twice_its_threshold_is_what_keeps_a_conv_reading_it_correct(mo
     entries = [Entry(pattern, ('u8',)) for pattern in ('conv', 'conv+act', 'fc')]
     for entry in entries:
         assert conformance.measure(entry).verdict == OK, entry
+    # the depthwise kernel adds no int16 pairs: it takes full-range codes (the table's
+    # .full rows, which measure the same thing with the range written at the threshold)
+    assert conformance.measure(Entry('dwconv+act.full', ('u8',))).verdict == OK
+    assert conformance.measure(Entry('conv+act.full', ('u8',))).verdict == WRONG
     monkeypatch.setattr(op_table, 'uint8_range_factor', lambda: 1.0)
     for entry in entries:
         found = conformance.measure(entry)

@@ -117,8 +117,10 @@ def _pool(kind: str):
 
 # pattern -> (build(num_inputs) -> (block), input shape, INT8 op of the target node)
 def _network(pattern: str, num_inputs: int):
-    base, _, form = pattern.partition('.')  # .w7, .ch, .wide, .full: the same network
-    act = _ACTS.get(form.replace('full', '').strip('.'), _relu)
+    # .w7, .ch, .wide, .full: the same network (.full: measure() writes its input's range
+    # at the threshold)
+    base, _, form = pattern.removesuffix('.full').partition('.')
+    act = _ACTS.get(form, _relu)
     conv = _conv
     if base.startswith('gconv'):  # the same probe with a grouped conv
         base, conv = base[1:], _gconv

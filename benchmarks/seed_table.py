@@ -137,11 +137,11 @@ def measure(name, batch, runs, lat_runs, onnx_dir, with_onnx=True):
 
 def onnx_source(net, calib, preset, qnet, options):
     """What the ONNX rows export: ``qnet`` (quantized with ``options``); or, where the
-    preset keeps the first conv FP32 for MXNet's kernels (on CPUs without VNNI:
-    :func:`gluon_int8.zoo.quantize_options`), the same quantization with the first conv
+    preset keeps the stem FP32 for MXNet's kernels (on CPUs without VNNI:
+    :func:`gluon_int8.zoo.quantize_options`), the same quantization with the stem
     INT8. ONNX Runtime and OpenVINO have kernels of their own, and the export carries no
     MXNet kernel workaround over."""
-    int8_first = zoo.quantize_options(net, preset, exclude_first_conv=False)
+    int8_first = zoo.quantize_options(net, preset, exclude_stem=False)
     if int8_first == options:
         return qnet
     return gluon_int8.quantize_net(net, calib, mode='naive', **int8_first)

@@ -193,10 +193,10 @@ def cmd_quantize(args):
                 raise UsageError('--pretrained: %s' % str(err).split(': ', 1)[-1]) from err
         family = zoo.preset(args.model)
         calib = _calib_data(args, args.input_shape or family.input_shape, family.preprocess)
-        # the preset's FP32 first conv (CPUs without VNNI) is for MXNet's kernels only
+        # the preset's FP32 stem (CPUs without VNNI) is for MXNet's kernels only
         qnet = zoo.get_model(args.model, quantized=True, calib_data=calib, mode=args.mode,
                              pretrained=args.pretrained, quantize_kwargs=options,
-                             exclude_first_conv=False if args.format == 'onnx' else None)
+                             exclude_stem=False if args.format == 'onnx' else None)
     else:
         calib = _calib_data(args, args.input_shape or IMAGENET.input_shape, IMAGENET)
         qnet = gluon_int8.quantize_net(_load_fp32(args), calib, mode=args.mode, **options)

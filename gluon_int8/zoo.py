@@ -2,8 +2,8 @@
 
 Wraps ``gluoncv.model_zoo.get_model`` and applies a per-family preset: the input shape,
 the preprocessing of images read from disk, the quantization options the family needs
-(with the reason for each), and whether its first convolution stays FP32
-(:func:`quantize_options`). Presets are matched by name prefix, longest first.
+(with the reason for each), and whether its stem (the first convolution and those at
+its output resolution) stays FP32 (:func:`quantize_options`). Presets are matched by name prefix, longest first.
 
 Pretrained weights are used only when their file is already in the local store (gluoncv's
 ``~/.mxnet/models``); otherwise the call says so at once instead of hanging on download
@@ -12,7 +12,7 @@ retries (this toolkit never downloads).
 import dataclasses
 import logging
 import os
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import mxnet as mx
 
@@ -31,20 +31,22 @@ class Preset:
     """How one model family is quantized, and why."""
     input_shape: Tuple[int, ...] = (3, 224, 224)
     quantize_kwargs: Tuple[Tuple[str, object], ...] = ()
-    first_conv_fp32: Optional[bool] = None  # None: FP32 on CPUs without VNNI
-    why: str = ('defaults: every op with an INT8 kernel runs INT8, but the first conv on '
-                'CPUs without VNNI')
+    stem_fp32: Optional[bool] = None  # None: FP32 on CPUs without VNNI
+    why: str = ('defaults: every op with an INT8 kernel runs INT8, but the stem on CPUs '
+                'without VNNI')
     batch_size: Optional[int] = None  # the only batch size the network takes, if fixed
     preprocess: Preprocess = IMAGENET  # images from a folder or .rec -> input_shape
 
 
-FIRST_CONV_REASON = ('zoo preset: the first conv stays FP32 on CPUs without VNNI, where oneDNN '
-                     'gives it 7-bit weights (signed input) or 7-bit input codes (uint8)')
+STEM_REASON = ('zoo preset: the stem (the first conv and the convs at its output resolution) '
+               'stays FP32 on CPUs without VNNI, where oneDNN gives the first conv 7-bit '
+               'weights (signed input) and uint8 inputs 7-bit codes: the error of the first '
+               'quantized layers reaches every later one')
 
 PRESETS = {
     '': Preset(),
-    'inceptionv3': Preset((3, 299, 299), why='299x299 input; the first conv FP32 on CPUs '
-                                             'without VNNI',
+    'inceptionv3': Preset((3, 299, 299), why='299x299 input; the stem FP32 on CPUs without '
+                                             'VNNI',
                           preprocess=PREPROCESS['inception']),
     'ssd_300': Preset((3, 300, 300), (('quantize_mode', 'smart'),), False,
                       "box decoding and NMS stay FP32: quantize_mode='smart' keeps the "
@@ -142,7 +144,7 @@ def set_batchnorm_statistics(net, batch: mx.nd.NDArray) -> int:
 
 
 def get_model(name: str, quantized: bool = True, calib_data=None, mode: str = 'entropy',
-              pretrained: bool = False, exclude_first_conv: Optional[bool] = None,
+              pretrained: bool = False, exclude_stem: Optional[bool] = None,
               root: str = DEFAULT_ROOT, quantize_kwargs=None,
               bn_batch: Optional[mx.nd.NDArray] = None, **gluoncv_kwargs):
     """A GluonCV model, FP32 or quantized with its family preset.
@@ -152,7 +154,7 @@ def get_model(name: str, quantized: bool = True, calib_data=None, mode: str = 'e
     :func:`set_batchnorm_statistics`). ``quantize_kwargs`` override the preset's options.
     ``calib_data`` may be the path of an image folder or a ``.rec``: it is read with the
     preset's preprocessing, shuffled with seed 0 (an ``ImageSource`` for other settings).
-    ``exclude_first_conv``: True/False, or None for the preset's choice
+    ``exclude_stem``: True/False, or None for the preset's choice
     (:func:`quantize_options`).
     """
     from gluoncv.model_zoo import get_model as gluoncv_get_model
@@ -170,7 +172,7 @@ def get_model(name: str, quantized: bool = True, calib_data=None, mode: str = 'e
     if not quantized:
         return net
     family = preset(name)
-    options = quantize_options(net, family, exclude_first_conv, quantize_kwargs)
+    options = quantize_options(net, family, exclude_stem, quantize_kwargs)
     log.info('%s: preset %s', name, family.why)
     if isinstance(calib_data, (str, os.PathLike)):
         calib_data = ImageSource(calib_data, family.preprocess,
@@ -193,47 +195,77 @@ def _fixed_batch_size(calib_data, net, family: Preset):
         yield batch
 
 
-def quantize_options(net, family: Preset, exclude_first_conv: Optional[bool] = None,
+def quantize_options(net, family: Preset, exclude_stem: Optional[bool] = None,
                      quantize_kwargs=None) -> dict:
     """The ``quantize_net`` options of ``family`` for ``net``: the preset's, updated with
-    ``quantize_kwargs``, and the first conv in ``exclude_layers`` where it stays FP32.
+    ``quantize_kwargs``, and the stem's convs (:func:`stem_convs`) in ``exclude_layers``
+    where the stem stays FP32.
 
-    ``exclude_first_conv`` (True/False) overrides the preset. A preset that does not
-    choose (``first_conv_fp32=None``: the classification families) keeps the first conv
-    FP32 on a CPU without VNNI (:func:`gluon_int8.op_table.has_vnni`). There oneDNN adds
-    u8 x s8 products in int16 pairs: it gives a conv whose input is signed (a normalized
-    image) 7-bit weights, and a uint8 input gets codes below 128
-    (:func:`gluon_int8.op_table.uint8_range_factor`). Either way the first conv, whose
-    error every later layer carries, loses a bit, and with its 3 input channels it gains
-    little from INT8. Measured on this AVX2 machine (zoo sweep, random weights, cosine of
-    INT8 to FP32): resnet50_v1d 0.963 -> 0.979, vgg16_bn 0.942 -> 0.965, hrnet_w18_small_v1_c
-    0.976 -> 0.985; batch-1 latency resnet50_v1 36.7 -> 39.2 ms, mobilenet1.0 7.9 -> 8.1 ms,
-    inceptionv3 unchanged (76 ms). The layer table gives the reason (``exclude_layers``
-    becomes a dict, rule -> reason).
+    ``exclude_stem`` (True/False) overrides the preset. A preset that does not choose
+    (``stem_fp32=None``: the classification families) keeps the stem FP32 on a CPU without
+    VNNI (:func:`gluon_int8.op_table.has_vnni`). There oneDNN adds u8 x s8 products in
+    int16 pairs: it gives a conv whose input is signed (a normalized image) 7-bit weights,
+    and a uint8 input gets codes below 128 (:func:`gluon_int8.op_table.uint8_range_factor`).
+    The error of the first quantized layers reaches every later layer, and the stem's
+    convs are a small part of the work. Measured on this AVX2 machine (zoo sweep, random
+    weights, cosine of INT8 to FP32), the first conv alone FP32: resnet50_v1d 0.963 -> 0.979,
+    vgg16_bn 0.942 -> 0.965, hrnet_w18_small_v1_c 0.976 -> 0.985; the whole stem: vgg16_bn
+    0.965 -> 0.976, resnest50 0.969 -> 0.982, mobilenet0.25 0.950 -> 0.963 (their floors
+    0.991, 0.990, 0.972). The layer table gives the reason (``exclude_layers`` becomes a
+    dict, rule -> reason).
     """
-    if exclude_first_conv is not None and not isinstance(exclude_first_conv, bool):
-        raise TypeError('exclude_first_conv: got %r; expected True, False or None (the '
-                        "preset's choice)" % (exclude_first_conv,))
+    if exclude_stem is not None and not isinstance(exclude_stem, bool):
+        raise TypeError('exclude_stem: got %r; expected True, False or None (the '
+                        "preset's choice)" % (exclude_stem,))
     options = dict(family.quantize_kwargs)
     options.update(quantize_kwargs or {})
-    if exclude_first_conv is not None:
-        choice, why = exclude_first_conv, 'exclude_first_conv=True'
-    elif family.first_conv_fp32 is not None:
-        choice, why = family.first_conv_fp32, 'zoo preset: first_conv_fp32=True'
+    if exclude_stem is not None:
+        choice, why = exclude_stem, 'exclude_stem=True'
+    elif family.stem_fp32 is not None:
+        choice, why = family.stem_fp32, 'zoo preset: stem_fp32=True'
     else:
-        choice, why = not has_vnni(), FIRST_CONV_REASON
+        choice, why = not has_vnni(), STEM_REASON
     if choice:
         options['exclude_layers'] = {**reasons_of(options.get('exclude_layers')),
-                                     first_conv(net, family): why}
+                                     **{name: why for name in stem_convs(net, family)}}
     return options
+
+
+def _traced_nodes(net, family: Preset):
+    """The traced graph's nodes of ``net`` and the shape of each node's first output, for
+    one input of the preset's shape."""
+    import json
+    from .trace import trace
+    traced = trace(net, [mx.nd.zeros((1,) + family.input_shape)])
+    internals = traced.symbol.get_internals()
+    _, shapes, _ = internals.infer_shape(**{traced.data_names[0]: (1,) + family.input_shape})
+    shape_of = dict(zip(internals.list_outputs(), shapes))
+    nodes = json.loads(traced.symbol.tojson())['nodes']
+    return [(node, shape_of.get(node['name'] + '_output', shape_of.get(node['name'] + '_output0')))
+            for node in nodes if node['op'] != 'null']
 
 
 def first_conv(net, family: Preset) -> str:
     """Name of the first Convolution of ``net`` in its traced graph."""
-    import json
-    from .trace import trace
-    sample = [mx.nd.zeros((1,) + family.input_shape)]
-    for node in json.loads(trace(net, sample).symbol.tojson())['nodes']:
-        if node['op'] == 'Convolution':
-            return node['name']
-    raise ValueError('exclude_first_conv: %s has no Convolution' % type(net).__name__)
+    return stem_convs(net, family)[0]
+
+
+def stem_convs(net, family: Preset) -> List[str]:
+    """Names of the stem's Convolutions in ``net``'s traced graph: the first one, and every
+    one after it, in graph order, whose output keeps the first one's resolution, up to the
+    first node whose output is smaller (a pooling or a strided conv). E.g. resnet50_v1: its
+    7x7 conv; resnet50_v1d and resnest50: the three 3x3 convs; vgg16: both convs at
+    224x224; mobilenet1.0: the first conv and the depthwise and pointwise convs of the
+    first block."""
+    convs, size = [], None
+    for node, shape in _traced_nodes(net, family):
+        spatial = tuple(shape[2:]) if shape is not None and len(shape) == 4 else None
+        if size is not None and spatial is not None and spatial != size \
+                and spatial[0] * spatial[1] < size[0] * size[1]:
+            break
+        if node['op'] == 'Convolution' and (size is None or spatial == size):
+            convs.append(node['name'])
+            size = spatial if size is None else size
+    if not convs:
+        raise ValueError('exclude_stem: %s has no Convolution' % type(net).__name__)
+    return convs

@@ -127,8 +127,8 @@ def test_quantize_model_goes_through_the_zoo_preset(image_sets, tmp_path, monkey
                         '99.9', '--num-bins', '2048', '--seed', '3']) == 0
     assert main(base + ['--format', 'onnx']) == 0
     (name, preset), (_, given), (_, onnx) = calls
-    # the preset chooses the first conv for MXNet; ONNX runtimes have kernels of their own
-    assert preset['exclude_first_conv'] is None and onnx['exclude_first_conv'] is False
+    # the preset chooses the stem for MXNet; ONNX runtimes have kernels of their own
+    assert preset['exclude_stem'] is None and onnx['exclude_stem'] is False
     assert name == 'ssd_300_vgg16_atrous_voc'
     source = preset['calib_data']
     assert isinstance(source, ImageSource) and source.shuffle and source.seed == 0

@@ -43,26 +43,53 @@ class _TwoConvs(mx.gluon.HybridBlock):
     (False, None, None, True), (True, None, None, False),      # the preset leaves it to the CPU
     (False, False, None, False), (True, True, None, True),     # the caller decides
     (False, None, False, False), (True, None, True, True)])    # the preset decides
-def test_first_conv_fp32(monkeypatch, vnni, override, preset_choice, fp32):
-    """The first conv is excluded by its traced name where it stays FP32; the other
-    options pass through, the caller's exclusions kept."""
+def test_stem_fp32(monkeypatch, vnni, override, preset_choice, fp32):
+    """The stem (here the first conv: the second one's output is smaller) is excluded by
+    its traced names where it stays FP32; the other options pass through, the caller's
+    exclusions kept."""
     monkeypatch.setattr(zoo, 'has_vnni', lambda: vnni)
     net = _TwoConvs()
     net.initialize()
     family = zoo.Preset((3, 8, 8), (('quantize_mode', 'smart'),), preset_choice)
     options = zoo.quantize_options(net, family, override, {'exclude_layers': ['mine']})
-    first = zoo.first_conv(net, family)
-    assert first.startswith(net.first.name)
-    why = ('exclude_first_conv=True' if override else 'zoo preset: first_conv_fp32=True'
-           if preset_choice else zoo.FIRST_CONV_REASON)
+    first, = zoo.stem_convs(net, family)
+    assert first.startswith(net.first.name) and zoo.first_conv(net, family) == first
+    why = ('exclude_stem=True' if override else 'zoo preset: stem_fp32=True'
+           if preset_choice else zoo.STEM_REASON)
     assert options == {'quantize_mode': 'smart',
                        'exclude_layers': {'mine': '', first: why} if fp32 else ['mine']}
 
 
-def test_exclude_first_conv_takes_a_bool():
-    with pytest.raises(TypeError, match=r"exclude_first_conv: got 'yes'; expected True, False "
+def test_exclude_stem_takes_a_bool():
+    with pytest.raises(TypeError, match=r"exclude_stem: got 'yes'; expected True, False "
                                         r"or None"):
         zoo.quantize_options(None, zoo.Preset(), 'yes')
+
+
+class _DeepStem(mx.gluon.HybridBlock):
+    """A strided conv, a conv and a depthwise conv at its output's resolution, a pooling
+    that halves it, a conv: the stem is the first three convs."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = [mx.gluon.nn.Conv2D(8, 3, strides=2, padding=1, in_channels=3),
+                     mx.gluon.nn.Conv2D(8, 3, padding=1, in_channels=8),
+                     mx.gluon.nn.Conv2D(8, 3, padding=1, groups=8, in_channels=8)]
+        for k, conv in enumerate(self.stem):
+            self.register_child(conv, 'stem%d' % k)
+        self.body = mx.gluon.nn.Conv2D(8, 3, padding=1, in_channels=8)
+
+    def hybrid_forward(self, F, x):
+        for conv in self.stem:
+            x = F.relu(conv(x))
+        return self.body(F.Pooling(x, kernel=(2, 2), stride=(2, 2), pool_type='max'))
+
+
+def test_stem_is_the_convs_at_the_first_conv_resolution():
+    net = _DeepStem()
+    net.initialize()
+    stem = zoo.stem_convs(net, zoo.Preset((3, 16, 16)))
+    assert [name.rsplit('_', 1)[0] for name in stem] == [c.name for c in net.stem]
 
 
 def _mobilenetv3_small(**kwargs):
@@ -83,7 +110,7 @@ def _check_runs(net, qnet, x):
     first, *convs = [l for l in qnet.layers if l.op == '_sg_mkldnn_conv']
     assert convs and all(l.dtype == 'int8' for l in convs)
     assert first.dtype == ('int8' if op_table.has_vnni() else 'fp32')
-    assert op_table.has_vnni() or first.reason.startswith(zoo.FIRST_CONV_REASON)
+    assert op_table.has_vnni() or first.reason.startswith(zoo.STEM_REASON)
     out = qnet(x)
     assert np.isfinite(out.asnumpy()).all()
     for _ in range(2):  # batch 1, twice: the static_alloc path the sweep's latency runs take

@@ -141,10 +141,10 @@ def onnx_source(net, calib, preset, qnet, options):
     :func:`gluon_int8.zoo.quantize_options`), the same quantization with the stem
     INT8. ONNX Runtime and OpenVINO have kernels of their own, and the export carries no
     MXNet kernel workaround over."""
-    int8_first = zoo.quantize_options(net, preset, exclude_stem=False)
-    if int8_first == options:
+    int8_stem = zoo.quantize_options(net, preset, exclude_stem=False)
+    if int8_stem == options:
         return qnet
-    return gluon_int8.quantize_net(net, calib, mode='naive', **int8_first)
+    return gluon_int8.quantize_net(net, calib, mode='naive', **int8_stem)
 
 
 def print_result(variant, latency, images_per_s):

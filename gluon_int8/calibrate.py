@@ -6,10 +6,13 @@ a batch's tensors would take more than :data:`gluon_int8.observe.MAX_BYTES`. Eac
 is read where MXNet wrote it, its min and max computed once (in cache-sized chunks,
 checking for NaN/Inf) and handed with its place in the batch to the collector
 (:meth:`~gluon_int8.collectors.Collector.collect_part`), which keeps running statistics.
-Each tensor goes, as soon as it is ready, to a pool of as many threads as the forward
-pass uses (:func:`stat_threads`), where the collector takes layers in parallel (the
-built-in ones do); all are read before the next pass reuses the memory. On 2 cores this
-took 10% off the calibration stage of InceptionV3, 4% of MobileNet, ~0 of ResNet50.
+Once a sub-batch's forward pass has finished, its tensors go to a pool of as many
+threads as the forward pass uses (:func:`stat_threads`), where the collector takes
+layers in parallel (the built-in ones do); all are read before the next pass reuses the
+memory. The statistics do not overlap the forward pass: on 2 cores, taking each tensor
+as soon as it was ready made both slower (oneDNN's OpenMP threads wait for each other
+when the statistics take their cores): ResNet50, 64 images, 6.3-6.9 s overlapped
+against 5.9-6.1 s one after the other (README, "Calibration speed").
 Graph inputs that need a range (the ``data`` quantize node) are collected straight from
 the batch. The statistics then go through a threshold function
 (:mod:`gluon_int8.thresholds`) into a :class:`~gluon_int8.table.CalibrationTable`.
@@ -119,15 +122,17 @@ def stat_threads() -> int:
 
 def _collect_batch(watcher: Watcher, batch: Batch, sink: _StatsSink, ops: Dict[str, str],
                    pool: Optional[ThreadPoolExecutor]):
-    """One batch, in the watcher's sub-batches: each tensor as soon as it is ready, on the
-    pool's threads or this one; results taken in graph order (an error names the first
-    layer in the graph that has one), all before the next pass reuses the memory."""
+    """One batch, in the watcher's sub-batches: the forward pass of a sub-batch, then the
+    statistics of its tensors, on the pool's threads or this one; results taken in graph
+    order (an error names the first layer in the graph that has one), all before the
+    next pass reuses the memory."""
     examples = batch[0].shape[0]
     with batch_errors('calib_data', sink.batch_index, batch):
         for start, inputs in sub_batches(batch, watcher.sub_batch(batch)):
             part_examples = inputs[0].shape[0]
+            views = list(watcher.read(inputs))  # the whole forward pass first
             jobs = []
-            for name, view in watcher.read(inputs):
+            for name, view in views:
                 if part_examples == examples:  # whole (also tensors not laid out by example)
                     part = Part(0, view.size)
                 else:  # the watcher splits only tensors laid out example by example

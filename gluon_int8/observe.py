@@ -17,8 +17,8 @@ read tensors from inside a graph, and all read them the same way:
   tensor. A batch is read in sub-batches when its tensors would take more than
   ``max_bytes``, so memory is bounded whatever the batch size and flat in the number
   of batches;
-* each output is read where MXNet wrote it (:func:`host_view`, no copy) as soon as it
-  is ready: statistics of one tensor run while MXNet computes the next.
+* each output is read where MXNet wrote it (:func:`host_view`, no copy), until the
+  next run.
 
 This replaced op hooks (``register_op_hook``): they make MXNet's CachedOp run op by op,
 stop at every output, and each output was copied out of oneDNN's layout on its own

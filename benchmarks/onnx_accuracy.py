@@ -2,8 +2,9 @@
 
 For every shipped Fashion-MNIST family: the FP32 network, gluon-int8's MXNet INT8 block
 (``quantize_net`` defaults: entropy, auto dtypes; calibration 5 x 32 training images, as
-benchmarks/accuracy.py), and that block exported with ``export(prefix, format='onnx')``
-and run on ONNX Runtime and on OpenVINO (``gluon_int8.runtimes.load_onnx``). Top-1 on
+benchmarks/accuracy.py; ``for_onnx=True``, which adds ranges only the export reads), and
+that block exported with ``export(prefix, format='onnx')`` and run on ONNX Runtime and on
+OpenVINO (``gluon_int8.runtimes.load_onnx``). Top-1 on
 the full 10k test set when Debian's dataset-fashion-mnist is installed, else on the
 bundled 1000-image slice (the output says which), plus the cosine of each runtime's
 logits against MXNet INT8's, and, image by image, how many test images only the runtime or
@@ -62,7 +63,7 @@ def measure(family, params_dir, calib, images, labels):
     if not os.path.isfile(path):
         return {'family': family, 'skipped': 'no trained parameters at %s' % path}
     net = fashion_mnist.get_model(family, params_file=path)
-    qnet = gluon_int8.quantize_net(net, calib)
+    qnet = gluon_int8.quantize_net(net, calib, for_onnx=True)  # MXNet's INT8 graph is the same
     results = {'fp32': logits(net, images), 'mxnet_int8': logits(qnet, images)}
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()

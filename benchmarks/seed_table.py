@@ -123,7 +123,7 @@ def measure(name, batch, runs, lat_runs, onnx_dir, with_onnx=True):
                              'builtin_int8': time.perf_counter() - start}}
     timed = {v: blocks[v] for v in VARIANTS}
     if with_onnx and name in ONNX_MODELS:
-        runtimes = onnx_variants(onnx_source(net, calib, preset, qnet, options),
+        runtimes = onnx_variants(onnx_source(net, calib, preset),
                                  os.path.join(onnx_dir, name))
         row['cosine_vs_fp32'] = cosines(net, dict(
             int8=qnet, builtin_int8=blocks['builtin_int8'], **runtimes), check)
@@ -135,16 +135,14 @@ def measure(name, batch, runs, lat_runs, onnx_dir, with_onnx=True):
     return row
 
 
-def onnx_source(net, calib, preset, qnet, options):
-    """What the ONNX rows export: ``qnet`` (quantized with ``options``); or, where the
-    preset keeps the stem FP32 for MXNet's kernels (on CPUs without VNNI:
-    :func:`gluon_int8.zoo.quantize_options`), the same quantization with the stem
-    INT8. ONNX Runtime and OpenVINO have kernels of their own, and the export carries no
-    MXNet kernel workaround over."""
+def onnx_source(net, calib, preset):
+    """What the ONNX rows export: the preset's quantization with the values before
+    residual sums calibrated (``for_onnx``), and with the stem INT8 where the preset keeps
+    it FP32 for MXNet's kernels (on CPUs without VNNI:
+    :func:`gluon_int8.zoo.quantize_options`). ONNX Runtime and OpenVINO have kernels of
+    their own, and the export carries no MXNet kernel workaround over."""
     int8_stem = zoo.quantize_options(net, preset, exclude_stem=False)
-    if int8_stem == options:
-        return qnet
-    return gluon_int8.quantize_net(net, calib, mode='naive', **int8_stem)
+    return gluon_int8.quantize_net(net, calib, mode='naive', for_onnx=True, **int8_stem)
 
 
 def print_result(variant, latency, images_per_s):

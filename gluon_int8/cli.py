@@ -172,7 +172,8 @@ def _quantize_options(args):
                    num_bins=args.num_bins, calib_table=args.calib_table,
                    progress=not args.quiet,
                    allow_table_mismatch=args.allow_table_mismatch or None,
-                   self_check=args.self_check, bias_correction=args.bias_correction or None)
+                   self_check=args.self_check, bias_correction=args.bias_correction or None,
+                   for_onnx=args.format == 'onnx' or None)
     return {k: v for k, v in options.items() if v is not None}
 
 
@@ -385,7 +386,7 @@ def build_parser():
     q.add_argument('--format', choices=('mxnet', 'onnx'), default='mxnet',
                    help="'mxnet' (default): prefix-symbol.json + prefix-0000.params + "
                         "sidecar; 'onnx': prefix.onnx, a QDQ model for ONNX Runtime and "
-                        "OpenVINO")
+                        "OpenVINO (calibrated with for_onnx=True)")
     q.add_argument('--on-unsupported', choices=('fp32', 'raise'), default='fp32',
                    help="--format onnx: an INT8 layer the ONNX graph cannot hold stays FP32 "
                         "there ('fp32', with a warning) or stops the export ('raise')")

@@ -18,11 +18,11 @@ What is 8-bit is read from the INT8 graph MXNet runs (``plan_qdq``), never guess
   output of an FP32 layer): only those INT8 layers read the rounded values, FP32 readers
   read it as it is;
 * the value before the sum of an INT8 conv+sum, with its range from the table (which has
-  it since calibration collects it: :func:`gluon_int8.plan.presum_tensors`). MXNet never
-  writes it (oneDNN adds the sum inside the conv); the ONNX model rounds it once more, so
-  that the conv and the add run as INT8 kernels (ONNX Runtime ran ResNet50's 16 convs
-  before residual adds in float without it, at twice the latency). A table without it
-  (saved before) leaves those convs float;
+  it when calibrated with ``for_onnx=True``: :func:`gluon_int8.plan.presum_tensors`).
+  MXNet never writes it (oneDNN adds the sum inside the conv); the ONNX model rounds it
+  once more, so that the conv and the add run as INT8 kernels (ONNX Runtime ran
+  ResNet50's 16 convs before residual adds in float without it, at twice the latency).
+  A table without it leaves those convs float, with a warning;
 * the weights of INT8 convs (per output channel, as oneDNN's quantized conv always
   is) and FCs (per channel where the graph has ``channel_wise_quantize``, else per
   tensor): s8, symmetric, after the BatchNorm is folded in as MXNet folds it; biases
@@ -130,11 +130,21 @@ def plan_qdq(qsym, data_names: Sequence[str], table: CalibrationTable,
             threshold /= uint8_range_factor()        # the runtimes take the calibrated one
         tensors.append(TensorQuant(producer, index, threshold, unsigned, readers_of))
     int8 = [_fused_name(view.nodes[i]['name']) for i in view.int8_nodes()]
+    uncalibrated = []
     for node, tensor in presum_tensors(qsym).items():
-        if _fused_name(node) in int8 and tensor in table.ranges:
-            lo, hi = table.ranges[tensor]
-            tensors.append(TensorQuant(tensor[:-len('_output')], 0, max(abs(lo), abs(hi)),
-                                       lo >= 0, None))
+        if _fused_name(node) not in int8:
+            continue
+        if tensor not in table.ranges:
+            uncalibrated.append(_fused_name(node))
+            continue
+        lo, hi = table.ranges[tensor]
+        tensors.append(TensorQuant(tensor[:-len('_output')], 0, max(abs(lo), abs(hi)),
+                                   lo >= 0, None))
+    if uncalibrated:
+        log.warning("format='onnx': the value before the residual sum of %d INT8 convs (%s) "
+                    'was not calibrated, so ONNX runtimes run those convs in float; '
+                    'quantize_net(..., for_onnx=True) calibrates it', len(uncalibrated),
+                    ', '.join(uncalibrated[:3]) + (', ...' if len(uncalibrated) > 3 else ''))
     channel = frozenset(_fused_name(n['name']) for n in view.nodes
                         if n.get('attrs', {}).get('channel_wise_quantize') == 'true')
     return QDQPlan(tensors, int8, channel)

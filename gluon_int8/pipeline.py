@@ -51,6 +51,7 @@ class Prepared:
     quantized_dtype: str
     quantize_mode: str
     granularity: str
+    presums: bool = False             # calibrate the convs' values before their sums
 
     @property
     def data_names(self) -> List[str]:
@@ -62,19 +63,21 @@ class Prepared:
 
     @property
     def calibration_graph(self) -> mx.sym.Symbol:
-        """The graph calibration runs: the fused FP32 graph, with its convs' values before
-        their sums as more outputs (:func:`gluon_int8.plan.with_presums`)."""
-        return with_presums(self.plan.fused)
+        """The graph calibration runs: the fused FP32 graph; with :attr:`presums`, its
+        convs' values before their sums as more outputs
+        (:func:`gluon_int8.plan.with_presums`)."""
+        return with_presums(self.plan.fused) if self.presums else self.plan.fused
 
     def statistics_layers(self) -> List[str]:
-        """Tensors to calibrate: what the plan needs, every INT8 layer's output, and the
-        value before the sum of each INT8 conv+sum (for the ONNX export, whose runtimes
-        quantize it: :func:`gluon_int8.plan.presum_tensors`)."""
+        """Tensors to calibrate: what the plan needs, every INT8 layer's output, and with
+        :attr:`presums` the value before the sum of each INT8 conv+sum (for the ONNX
+        export, whose runtimes quantize it: :func:`gluon_int8.plan.presum_tensors`)."""
         int8 = {n.name[len('quantized_'):] for n in graph_nodes(self.plan.qsym)
                 if n.name.startswith('quantized_')}
         outputs = [out for node, idx, out in graph_outputs(self.plan.fused)
                    if idx == 0 and node in int8]
-        presums = [t for node, t in presum_tensors(self.plan.fused).items() if node in int8]
+        presums = [t for node, t in presum_tensors(self.plan.fused).items()
+                   if node in int8] if self.presums else []
         return list(dict.fromkeys(list(self.plan.calib_layers) + outputs + presums))
 
     def tensor_names(self) -> Dict[str, str]:
@@ -85,9 +88,11 @@ class Prepared:
 
 def prepare(block, first_batch: Optional[Sequence[mx.nd.NDArray]], quantized_dtype: str,
             quantize_mode: str, granularity: str, exclude_layers=(), exclude_layers_match=(),
-            exclude_operators=(), bias_correction: bool = False) -> Prepared:
+            exclude_operators=(), bias_correction: bool = False,
+            presums: bool = False) -> Prepared:
     """Trace, fuse (guarded), verify the fusion on the first batch, and plan the graph;
-    with ``bias_correction`` every conv and FC has a bias (:func:`biascorr.with_biases`)."""
+    with ``bias_correction`` every conv and FC has a bias (:func:`biascorr.with_biases`);
+    with ``presums`` calibration reads the values before sums too (:class:`Prepared`)."""
     traced = trace(block, first_batch)
     if bias_correction:
         traced = biascorr.with_biases(traced)
@@ -102,7 +107,7 @@ def prepare(block, first_batch: Optional[Sequence[mx.nd.NDArray]], quantized_dty
         verify(plan.fused, traced.symbol, traced.data_names,
                {**traced.aux_params, **traced.arg_params}, first_batch)
     return Prepared(traced, graph_nodes(plan.fused), excluded, plan, quantized_dtype,
-                    quantize_mode, granularity)
+                    quantize_mode, granularity, presums)
 
 
 def replan(prepared: Prepared, excluded: Mapping[str, str],

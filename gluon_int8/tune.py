@@ -58,7 +58,7 @@ DEFAULT_GRANULARITIES = ('tensor', 'channel')
 # options of quantize_net that tune passes through (mode/granularity are searched)
 PASSED_OPTIONS = ('quantized_dtype', 'quantize_mode', 'exclude_layers', 'exclude_layers_match',
                   'exclude_operators', 'num_calib_batches', 'num_calib_examples', 'percentile',
-                  'num_bins', 'self_check', 'bias_correction')
+                  'num_bins', 'self_check', 'bias_correction', 'for_onnx')
 _HEADER = '%3s  %-8s %-10s %-7s %4s  %10s %9s %6s  %s'
 
 
@@ -156,7 +156,7 @@ def tune(net: HybridBlock, calib_data, eval_fn: Callable[[HybridBlock], float],
         Passed to :func:`gluon_int8.quantize_net`: ``quantized_dtype``,
         ``quantize_mode``, ``exclude_layers``, ``exclude_layers_match``,
         ``exclude_operators``, ``num_calib_batches``, ``num_calib_examples``,
-        ``percentile``, ``num_bins``.
+        ``percentile``, ``num_bins``, ``self_check``, ``bias_correction``, ``for_onnx``.
 
     Returns
     -------
@@ -384,7 +384,7 @@ class _Session:
         stats = pipeline.calibrate(prepared, self._keep_slice(itertools.chain([first], batches),
                                                               kept),
                                    HistogramCollector(num_bins=opts.num_bins),
-                                   layers=_all_outputs(prepared.plan.fused, prepared.data_names))
+                                   layers=_all_outputs(prepared))
         references = [[o.asnumpy().astype(np.float64) for o in _flat(net(*b))] for b in kept]
         return _Builder(prepared, opts, stats, kept, references)
 
@@ -493,14 +493,17 @@ class _Session:
         return ranking
 
 
-def _all_outputs(fused, data_names) -> List[str]:
-    """Graph inputs, every output of every compute node of the fused graph, and the
-    values before its sums (:func:`gluon_int8.plan.presum_tensors`)."""
+def _all_outputs(prepared: Prepared) -> List[str]:
+    """Graph inputs, every output of every compute node of the fused graph, and with
+    :attr:`~gluon_int8.pipeline.Prepared.presums` the values before its sums
+    (:func:`gluon_int8.plan.presum_tensors`)."""
+    fused = prepared.plan.fused
     internals = fused.get_internals()
     inputs = set(fused.list_inputs())
     names = [out for i, out in enumerate(internals.list_outputs())
              if internals[i].name not in inputs]
-    return list(data_names) + names + list(presum_tensors(fused).values())
+    presums = list(presum_tensors(fused).values()) if prepared.presums else []
+    return list(prepared.data_names) + names + presums
 
 
 def _units(fused, int8_layers) -> Dict[str, List[str]]:

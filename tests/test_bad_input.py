@@ -52,6 +52,13 @@ def test_unknown_option_values(net_and_data, param, value, allowed):
     assert allowed in str(err.value)
 
 
+@pytest.mark.parametrize('param', ['allow_table_mismatch', 'bias_correction', 'for_onnx'])
+def test_a_flag_takes_only_a_bool(net_and_data, param):
+    net, data = net_and_data
+    with pytest.raises(TypeError, match="^%s: got 'yes'; expected True or False$" % param):
+        gluon_int8.quantize_net(net, data, **{param: 'yes'})
+
+
 def test_mode_that_needs_data_without_data(net_and_data):
     net, _ = net_and_data
     with pytest.raises(ValueError, match="calib_data: got None, but mode='entropy' needs"):

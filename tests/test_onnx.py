@@ -9,6 +9,7 @@ Fashion-MNIST family on the bundled slice.
 import json
 import logging
 import os
+import re
 
 import mxnet as mx
 import numpy as np
@@ -117,7 +118,7 @@ def _qnet(cls=ConvBNSum, shapes=(SHAPE,), **kwargs):
 
 @pytest.fixture(scope='module')
 def convbnsum():
-    return _qnet(ConvBNSum)
+    return _qnet(ConvBNSum, for_onnx=True)
 
 
 # -- the graph the export starts from -------------------------------------------------------
@@ -136,7 +137,7 @@ def test_unfused_graph_computes_the_fused_graph(cls):
 
 
 def test_table_names_each_range_in_the_traced_graph(tmp_path):
-    net, qnet, inputs = _qnet(PreActBlock)
+    net, qnet, inputs = _qnet(PreActBlock, for_onnx=True)
     traced = set(trace(net, inputs).symbol.get_internals().list_outputs())
     table = qnet.calib_table
     assert set(table.tensors) == set(table.ranges)
@@ -165,10 +166,22 @@ def test_the_value_before_a_fused_sum_is_calibrated_without_changing_the_graph()
             np.testing.assert_array_equal(run(wider, name), run(fused, name))
     presum = net.bn(net.conv(net.stem(*inputs))).asnumpy()
     np.testing.assert_allclose(run(wider, tensor), presum, rtol=1e-4, atol=1e-5)
-    qnet = gluon_int8.quantize_net(net, [tuple(inputs)], mode='naive')
+    qnet = gluon_int8.quantize_net(net, [tuple(inputs)], mode='naive', for_onnx=True)
     lo, hi = qnet.calib_table.ranges[tensor]
     assert hi == -lo == pytest.approx(np.abs(presum).max(), rel=1e-5)
     assert qnet.calib_table.tensors[tensor] == tensor
+
+
+def test_without_for_onnx_only_the_values_before_sums_are_missing(convbnsum):
+    """By default calibration skips the values before sums (the ONNX export's alone): the
+    table holds every other range, bit for bit, and MXNet runs the same INT8 network."""
+    net, for_onnx, inputs = convbnsum
+    qnet = gluon_int8.quantize_net(net, [tuple(inputs)] * 2, mode='naive')
+    presum, = plan.presum_tensors(qnet.fp32_graph.symbol).values()
+    assert set(for_onnx.calib_table.ranges) - set(qnet.calib_table.ranges) == {presum}
+    assert qnet.calib_table.ranges == {k: v for k, v in for_onnx.calib_table.ranges.items()
+                                       if k != presum}
+    np.testing.assert_array_equal(qnet(*inputs).asnumpy(), for_onnx(*inputs).asnumpy())
 
 
 def _optimized_by_onnxruntime(path, tmp_path):
@@ -181,22 +194,20 @@ def _optimized_by_onnxruntime(path, tmp_path):
 
 
 def test_a_conv_before_a_residual_add_runs_as_an_int8_conv_on_onnx_runtime(convbnsum,
-                                                                          tmp_path):
-    """The value before the sum gets its Q/DQ pair, so ONNX Runtime fuses both convs
-    and the add into its INT8 kernels; from a table without that range (one saved before
-    it was calibrated) the conv before the add runs in float, as it used to."""
-    _, qnet, _ = convbnsum
+                                                                          tmp_path, caplog):
+    """With ``for_onnx`` the value before the sum gets its Q/DQ pair, so ONNX Runtime fuses
+    both convs and the add into its INT8 kernels; without it the conv before the add runs
+    in float, and the export says so."""
+    net, qnet, inputs = convbnsum
     ops = _optimized_by_onnxruntime(qnet.export(str(tmp_path / 'cq'), format='onnx')[0],
                                     tmp_path)
     assert ops.count('QLinearConv') == 2 and 'Conv' not in ops and 'QLinearAdd' in ops
-    presum, = plan.presum_tensors(qnet.fp32_graph.symbol).values()
-    old = dict(qnet.calib_table.ranges)
-    del qnet.calib_table.ranges[presum]
-    try:
-        ops = _optimized_by_onnxruntime(qnet.export(str(tmp_path / 'old'), format='onnx')[0],
-                                        tmp_path)
-    finally:
-        qnet.calib_table.ranges.update(old)
+    default = gluon_int8.quantize_net(net, [tuple(inputs)] * 2, mode='naive')
+    with caplog.at_level(logging.WARNING, logger='gluon_int8.onnx_qdq'):
+        path = default.export(str(tmp_path / 'default'), format='onnx')[0]
+    assert re.search(r'the value before the residual sum of 1 INT8 convs \(sg_mkldnn_conv_bn_add'
+                     r'.*for_onnx=True', caplog.text)
+    ops = _optimized_by_onnxruntime(path, tmp_path)
     assert ops.count('QLinearConv') == 1 and ops.count('Conv') == 1
 
 
@@ -604,7 +615,7 @@ def test_family_on_onnx_runtime_and_openvino(family, slice_data, tmp_path):
     images, labels = slice_data
     net = fm.get_model(family)
     qnet = gluon_int8.quantize_net(net, [mx.nd.array(images[i:i + 32])
-                                         for i in range(0, 160, 32)])
+                                         for i in range(0, 160, 32)], for_onnx=True)
     path = qnet.export(str(tmp_path / family), format='onnx')[0]
     x = mx.nd.array(images)
     want, fp32 = qnet(x), net(x)

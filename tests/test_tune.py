@@ -8,8 +8,9 @@ from mxnet.gluon import nn
 
 import gluon_int8
 import gluon_int8.pipeline
+from gluon_int8.plan import presum_tensors
 from gluon_int8.tune import _units
-from conftest import ConvBNAct, PoolBlock, make_net
+from conftest import ConvBNAct, ConvBNSum, PoolBlock, make_net
 
 TUNE_MODULE = importlib.import_module('gluon_int8.tune')  # gluon_int8.tune is the function
 
@@ -101,6 +102,18 @@ def test_config_trials_equal_plain_quantize_net(case, mode):
     plain = gluon_int8.quantize_net(net, x, mode=mode, granularity='channel')
     assert result.block.calib_table.ranges == plain.calib_table.ranges
     assert result.best_metric == pytest.approx(eval_fn(plain), abs=1e-9)
+
+
+@pytest.mark.parametrize('for_onnx', [False, True])
+def test_tune_calibrates_the_values_before_sums_only_for_onnx(for_onnx):
+    net, inputs = make_net(ConvBNSum, (8, 3, 12, 12))
+    result = gluon_int8.tune(net, inputs[0], lambda block: 1.0, max_drop=1, max_trials=1,
+                             modes=['naive'], granularities=['channel'], for_onnx=for_onnx)
+    plain = gluon_int8.quantize_net(net, inputs[0], mode='naive', granularity='channel',
+                                    for_onnx=for_onnx)
+    presum, = presum_tensors(plain.fp32_graph.symbol).values()
+    assert result.block.calib_table.ranges == plain.calib_table.ranges
+    assert (presum in plain.calib_table.ranges) == for_onnx
 
 
 def test_tune_stops_at_max_trials_when_the_budget_cannot_be_reached(case):

@@ -43,23 +43,25 @@ log = logging.getLogger(__name__)
 MAX_BYTES = 256 << 20
 
 
-def watch_symbol(symbol: mx.sym.Symbol, names: Sequence[str], float32: bool = False,
+def watch_symbol(symbol: mx.sym.Symbol, names: Sequence[str],
                  block_grad: bool = False) -> mx.sym.Symbol:
     """A symbol whose outputs are copies of the internal tensors ``names`` of ``symbol``,
-    in plain (not oneDNN-blocked) layout, each in a buffer of its own.
-
-    The copy is a full ``slice`` (oneDNN reorders straight into it: one pass) or, with
-    ``float32``, a ``Cast`` to float32. ``block_grad`` puts a ``BlockGrad`` after it,
-    for graphs with ops that have no gradient (INT8)."""
+    in plain (not oneDNN-blocked) layout, each in a buffer of its own
+    (:func:`copied`); ``block_grad`` puts a ``BlockGrad`` after each, for graphs with ops
+    that have no gradient (INT8)."""
     internals = symbol.get_internals()
     position = {name: i for i, name in enumerate(internals.list_outputs())}
     outputs = []
     for name in names:  # by position: indexing by name searches every output's name
-        tensor = internals[position[name]]
-        copied = (mx.sym.Cast(tensor, dtype='float32') if float32 else
-                  mx.sym.slice(tensor, begin=(None,), end=(None,)))
-        outputs.append(mx.sym.BlockGrad(copied) if block_grad else copied)
+        tensor = copied(internals[position[name]])
+        outputs.append(mx.sym.BlockGrad(tensor) if block_grad else tensor)
     return mx.sym.Group(outputs)
+
+
+def copied(tensor: mx.sym.Symbol) -> mx.sym.Symbol:
+    """A copy of ``tensor`` in its own dtype: a full ``slice``, into which oneDNN reorders
+    the tensor out of its blocked layout in one pass."""
+    return mx.sym.slice(tensor, begin=(None,), end=(None,))
 
 
 def _block(group: mx.sym.Symbol, data_names: Sequence[str], params: Mapping[str, mx.nd.NDArray]):
@@ -73,16 +75,15 @@ def run_outputs(symbol: mx.sym.Symbol, wanted: Optional[List[str]], data_names: 
     """Outputs of ``symbol`` (its internals named ``wanted``, or all its outputs) for one
     forward pass, as numpy arrays; for one-off passes over graphs of any kind.
 
-    Every output passes a ``BlockGrad``; with ``copy`` it is first cast to a float32 copy
-    (see :func:`watch_symbol`)."""
+    Every output passes a ``BlockGrad``; with ``copy`` it is first copied
+    (:func:`copied`), so that no in-place kernel of the graph can write over it."""
     if wanted is not None:
         internals = symbol.get_internals()
         position = {name: i for i, name in enumerate(internals.list_outputs())}
-        group = watch_symbol(symbol, wanted, float32=copy, block_grad=True) if copy else \
+        group = watch_symbol(symbol, wanted, block_grad=True) if copy else \
             mx.sym.Group([mx.sym.BlockGrad(internals[position[w]]) for w in wanted])
     else:
-        group = mx.sym.Group([mx.sym.BlockGrad(mx.sym.Cast(o, dtype='float32') if copy else o)
-                              for o in symbol])
+        group = mx.sym.Group([mx.sym.BlockGrad(copied(o) if copy else o) for o in symbol])
     out = _block(group, data_names, params)(*inputs)
     return [o.asnumpy() for o in (out if isinstance(out, (list, tuple)) else [out])]
 

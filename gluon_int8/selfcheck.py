@@ -164,9 +164,10 @@ def _node_symbol(node: dict, prefix: str) -> mx.sym.Symbol:
 def _dequantized(observed, dtypes, name_data: str, name_min: Optional[str],
                  name_max: Optional[str]):
     """A tensor of the INT8 graph in real values, the step of its grid and its range
-    (None, None for a float tensor). ``observed`` holds every tensor as float32 codes.
+    (None, None for a float tensor). ``observed`` holds every tensor in its own dtype
+    (int8, uint8, int32 codes, or float32), a quarter of float32's memory for 8-bit ones.
     An int32 tensor is requantized next: it is judged on an 8-bit grid of its range."""
-    data = observed[name_data]
+    data = observed[name_data].astype(np.float32, copy=False)  # codes as float32
     levels = _LEVELS.get(dtypes.get(name_data))
     if levels is None or name_min is None:
         return data, None, None

@@ -26,6 +26,8 @@ into fresh memory (``asnumpy``), which cost about as much again as the forward p
 (README, "Calibration speed").
 """
 import contextlib
+import ctypes
+import ctypes.util
 import logging
 from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
@@ -203,6 +205,25 @@ class Watcher:
             yield name, host_view(out, shape, dtype)
 
 
+def release_memory() -> None:
+    """Give the memory freed so far back to the OS, once MXNet has freed what it was done
+    with. glibc keeps freed blocks of a few MB (activations) on its heap, so the memory of
+    a pass stayed in the process after it and each stage of ``quantize_net`` added its
+    peak on top of the ones before (ResNet50: 1.3 GB still held once it returned).
+    Nothing happens where the C library has no ``malloc_trim`` (not glibc)."""
+    mx.nd.waitall()
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
+
+def _malloc_trim():
+    name = ctypes.util.find_library('c')
+    return getattr(ctypes.CDLL(name), 'malloc_trim', None) if name else None
+
+
+_MALLOC_TRIM = _malloc_trim()
+
+
 def in_budget(items: Sequence, size, budget: int, key=None) -> List[list]:
     """``items`` in consecutive groups whose ``size(item)`` add up to at most ``budget`` (an
     item larger than the budget forms a group alone). Items of one ``key`` within a group
@@ -242,5 +263,5 @@ def sub_batches(batch: Sequence[mx.nd.NDArray], size: int
 
 
 __all__: List[str] = ['Watcher', 'watch_symbol', 'run_outputs', 'host_view', 'batch_errors',
-                      'in_budget',
+                      'in_budget', 'release_memory',
                       'sub_batches', 'MAX_BYTES']

@@ -25,6 +25,7 @@ from .calibrate import collect_statistics
 from .collectors import Collector, LayerStats
 from .fuse import fuse, tensor_names, traced_name, verify
 from .errors import first_line
+from .observe import release_memory
 from .op_table import DETECTION_OPS
 from .plan import (Plan, check_calibrated, finalize, plan_graph, presum_tensors,
                    ranges_in_graph, with_presums)
@@ -106,6 +107,7 @@ def prepare(block, first_batch: Optional[Sequence[mx.nd.NDArray]], quantized_dty
     if first_batch is not None:
         verify(plan.fused, traced.symbol, traced.data_names,
                {**traced.aux_params, **traced.arg_params}, first_batch)
+        release_memory()
     return Prepared(traced, graph_nodes(plan.fused), excluded, plan, quantized_dtype,
                     quantize_mode, granularity, presums)
 
@@ -141,9 +143,12 @@ def calibrate(prepared: Prepared, batches, collector: Collector, progress: bool 
     """Statistics of ``layers`` (default: :meth:`Prepared.statistics_layers`) over the
     batches, from :attr:`Prepared.calibration_graph`."""
     traced = prepared.traced
-    return collect_statistics(prepared.calibration_graph, traced.data_names, traced.arg_params,
-                              traced.aux_params, layers or prepared.statistics_layers(),
-                              batches, collector, progress, total)
+    stats = collect_statistics(prepared.calibration_graph, traced.data_names,
+                               traced.arg_params, traced.aux_params,
+                               layers or prepared.statistics_layers(), batches, collector,
+                               progress, total)
+    release_memory()
+    return stats
 
 
 def convert(prepared: Prepared, table: Optional[CalibrationTable],
@@ -180,6 +185,7 @@ def convert(prepared: Prepared, table: Optional[CalibrationTable],
             prepared = replan(prepared, {**prepared.plan.reasons, layer: reason})
             continue
         defects = _self_check(qnet, qsym, values, prepared, batch)
+        release_memory()
         if not defects:
             return qnet
         if self_check == 'warn':

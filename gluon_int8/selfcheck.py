@@ -78,7 +78,7 @@ def _inner_inputs(node: dict) -> Dict[int, int]:
     return {arg: k for k, arg in enumerate(sub['arg_nodes'])}
 
 
-def _fold_conv(node: dict, params: Mapping[str, mx.nd.NDArray], names: List[str]):
+def _fold_conv(node: dict, params: Mapping[str, np.ndarray], names: List[str]):
     """The conv weight and bias after BN folding (as MXNet's UpdateConvWeightBias), and
     the input positions of the weight, bias and BN parameters in the fused node."""
     sub = node['subgraphs'][0]
@@ -86,14 +86,14 @@ def _fold_conv(node: dict, params: Mapping[str, mx.nd.NDArray], names: List[str]
     conv = next(n for n in sub['nodes'] if n['op'] == 'Convolution')
     w_pos = where[conv['inputs'][1][0]]
     b_pos = where[conv['inputs'][2][0]] if len(conv['inputs']) > 2 else None
-    weight = _float64(params, names[w_pos])
-    bias = _float64(params, names[b_pos]) if b_pos is not None else \
+    weight = params[names[w_pos]].astype(np.float64)
+    bias = params[names[b_pos]].astype(np.float64) if b_pos is not None else \
         np.zeros(weight.shape[0])
     bn = next((n for n in sub['nodes'] if n['op'] == 'BatchNorm'), None)
     bn_pos = []
     if bn is not None:
         bn_pos = [where[src] for src, _, _ in bn['inputs'][1:5]]
-        gamma, beta, mean, var = (_float64(params, names[p]) for p in bn_pos)
+        gamma, beta, mean, var = (params[names[p]].astype(np.float64) for p in bn_pos)
         attrs = bn.get('attrs', {})
         if str(attrs.get('fix_gamma', 'true')).lower() == 'true':
             gamma = np.ones_like(gamma)
@@ -101,10 +101,6 @@ def _fold_conv(node: dict, params: Mapping[str, mx.nd.NDArray], names: List[str]
         weight = weight * alpha.reshape((-1,) + (1,) * (weight.ndim - 1))
         bias = beta + alpha * (bias - mean)
     return weight, bias, w_pos, b_pos, bn_pos, bn
-
-
-def _float64(params: Mapping[str, mx.nd.NDArray], name: str) -> np.ndarray:
-    return params[name].asnumpy().astype(np.float64)
 
 
 def _rounded(weight: np.ndarray, half_step: bool) -> np.ndarray:
@@ -142,7 +138,7 @@ def _oracle_params(node: dict, int8_node: dict, names: List[str], params, values
             if name + '_quantize' in values:  # offline int8 (weight or bias) as stored
                 found[k] = _stored(values, name)
             elif channel and name.endswith('weight'):
-                found[k] = _rounded(_float64(params, name), False)
+                found[k] = _rounded(params[name].astype(np.float64), False)
     return found
 
 
@@ -203,9 +199,10 @@ def check(qsym: mx.sym.Symbol, values: Mapping[str, mx.nd.NDArray],
         return []
     inputs = [b[:examples] for b in batch]
     observed = _observe(qsym, values, aux, data_names, inputs, jobs)
+    params = {k: v.asnumpy() for k, v in fp32_params.items()}
     results = []
     for chunk in in_budget(jobs, lambda job: observed[job.output[0]].size, CHUNK_VALUES):
-        results.extend(_compare(chunk, view, dtypes, observed, fp32_params, values, rewrites))
+        results.extend(_compare(chunk, view, dtypes, observed, params, values, rewrites))
     return results
 
 
@@ -274,7 +271,7 @@ def _compare(jobs: List[_Job], view: GraphView, dtypes, observed, params, values
                 d, lo, hi = next(data)
                 inputs[var] = mx.nd.array(_dequantized(observed, dtypes, d, lo, hi)[0])
             else:
-                args[var] = mx.nd.array(special[k]) if k in special else params[name]
+                args[var] = mx.nd.array(special[k] if k in special else params[name])
     group = mx.sym.Group(symbols)
     data = [n for n in group.list_inputs() if n in inputs]
     oracle = _run(group, None, data, [inputs[n] for n in data], args)

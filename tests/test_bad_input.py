@@ -52,7 +52,8 @@ def test_unknown_option_values(net_and_data, param, value, allowed):
     assert allowed in str(err.value)
 
 
-@pytest.mark.parametrize('param', ['allow_table_mismatch', 'bias_correction', 'for_onnx'])
+# bias_correction's is in test_biascorr.py
+@pytest.mark.parametrize('param', ['allow_table_mismatch', 'for_onnx'])
 def test_a_flag_takes_only_a_bool(net_and_data, param):
     net, data = net_and_data
     with pytest.raises(TypeError, match="^%s: got 'yes'; expected True or False$" % param):

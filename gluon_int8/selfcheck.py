@@ -20,6 +20,7 @@ it to FP32. The conformance probes measure the same thing on tiny graphs with ex
 inputs; this check covers the shapes, layouts and data of the user's network.
 """
 import collections
+import collections.abc
 import dataclasses
 import json
 import logging
@@ -40,7 +41,7 @@ log = logging.getLogger(__name__)
 # weights for s8 sources on CPUs without VNNI, as the kernel does)
 DEFECT_STEPS = 4.0
 EXAMPLES = 4
-CHUNK_VALUES = 1 << 23  # oracle outputs computed per bind: bounds the memory
+CHUNK_VALUES = 1 << 23  # oracle outputs and parameters per bind: bounds the memory
 _LEVELS = {'s8': 127.5, 'u8': 255.5, 's32': 2147483647.0}
 
 
@@ -199,11 +200,36 @@ def check(qsym: mx.sym.Symbol, values: Mapping[str, mx.nd.NDArray],
         return []
     inputs = [b[:examples] for b in batch]
     observed = _observe(qsym, values, aux, data_names, inputs, jobs)
-    params = {k: v.asnumpy() for k, v in fp32_params.items()}
+    params, every = _AsNumpy(fp32_params), {**values, **fp32_params}
     results = []
-    for chunk in in_budget(jobs, lambda job: observed[job.output[0]].size, CHUNK_VALUES):
+    for chunk in in_budget(jobs, lambda job: _values(job, observed, every), CHUNK_VALUES):
         results.extend(_compare(chunk, view, dtypes, observed, params, values, rewrites))
     return results
+
+
+class _AsNumpy(collections.abc.Mapping):
+    """NDArrays, each read as numpy when looked up: an oracle's parameters are read with
+    it, not all of the network's at once (ResNet50's are 100 MB)."""
+
+    def __init__(self, arrays: Mapping[str, mx.nd.NDArray]):
+        self.arrays = arrays
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.arrays[name].asnumpy()
+
+    def __iter__(self):
+        return iter(self.arrays)
+
+    def __len__(self) -> int:
+        return len(self.arrays)
+
+
+def _values(job: '_Job', observed, params) -> int:
+    """Values the oracle of ``job`` holds: its output and its parameters (FP32, or int8 as
+    stored: the weights of a late ResNet50 stage outweigh its outputs)."""
+    found = (params.get(name, params.get(name + '_quantize'))
+             for k, name in enumerate(job.param_names) if k not in job.data_slots)
+    return observed[job.output[0]].size + sum(p.size for p in found if p is not None)
 
 
 def _jobs(view: GraphView, dtypes, fused: mx.sym.Symbol, data_names) -> List[_Job]:

@@ -234,6 +234,17 @@ def test_grouped_convs_have_entries_of_their_own_and_quantize_within_0_999():
     assert rows['sg_mkldnn_conv_2'].dtype == 'int8'  # depthwise: a 'conv' of the table
 
 
+def test_self_check_gives_each_node_the_same_check_alone(monkeypatch):
+    """The oracles run in groups bounded by their outputs and parameters together; a
+    node checked alone gets the same numbers as in its group."""
+    from gluon_int8 import selfcheck
+    net, inputs = make_net(GroupedPair, (8, 3, 12, 12))
+    grouped = gluon_int8.quantize_net(net, [tuple(inputs)] * 2).self_check
+    monkeypatch.setattr(selfcheck, 'CHUNK_VALUES', 1)
+    alone = gluon_int8.quantize_net(net, [tuple(inputs)] * 2).self_check
+    assert len(grouped) >= 3 and alone == grouped
+
+
 class SqueezeExcite(nn.HybridBlock):
     """The end of an SE-ResNeXt: relu(x * gate + shortcut) -> global pool -> Dense. MXNet
     1.9.1's INT8 FullyConnected fails on its second batch-1 call after this INT8 chain

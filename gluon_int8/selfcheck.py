@@ -200,9 +200,10 @@ def check(qsym: mx.sym.Symbol, values: Mapping[str, mx.nd.NDArray],
         return []
     inputs = [b[:examples] for b in batch]
     observed = _observe(qsym, values, aux, data_names, inputs, jobs)
-    params, every = _AsNumpy(fp32_params), {**values, **fp32_params}
+    params = _AsNumpy(fp32_params)
     results = []
-    for chunk in in_budget(jobs, lambda job: _values(job, observed, every), CHUNK_VALUES):
+    for chunk in in_budget(jobs, lambda job: _values(job, observed, fp32_params, values),
+                           CHUNK_VALUES):
         results.extend(_compare(chunk, view, dtypes, observed, params, values, rewrites))
     return results
 
@@ -224,10 +225,10 @@ class _AsNumpy(collections.abc.Mapping):
         return len(self.arrays)
 
 
-def _values(job: '_Job', observed, params) -> int:
+def _values(job: '_Job', observed, fp32_params, values) -> int:
     """Values the oracle of ``job`` holds: its output and its parameters (FP32, or int8 as
     stored: the weights of a late ResNet50 stage outweigh its outputs)."""
-    found = (params.get(name, params.get(name + '_quantize'))
+    found = (fp32_params.get(name, values.get(name + '_quantize'))
              for k, name in enumerate(job.param_names) if k not in job.data_slots)
     return observed[job.output[0]].size + sum(p.size for p in found if p is not None)
 

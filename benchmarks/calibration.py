@@ -44,6 +44,7 @@ ROOT = os.path.dirname(HERE)
 MXNET_ENGINES = ('forward', 'gluon-int8', 'mxnet-builtin')
 PEER_ENGINES = ('ort', 'nncf')
 PEERS_PY = os.path.join(ROOT, '.venv-peers', 'bin', 'python')
+WORK = os.path.join(ROOT, 'results', 'onnx', 'calibration')  # the models' weights, ONNX exports
 
 
 def peak_mb() -> float:
@@ -359,7 +360,7 @@ def parse_args():
     parser.add_argument('--profile', action='store_true',
                         help="write results/calibration_<model>_profile.txt: cProfile of "
                              "gluon-int8's calibration stage")
-    parser.add_argument('--work', default=None, help='scratch folder (default results/onnx/'
+    parser.add_argument('--work', default=WORK, help='scratch folder (default results/onnx/'
                                                      'calibration)')
     parser.add_argument('--out-dir', default=os.path.join(ROOT, 'results'))
     parser.add_argument('--engine', help=argparse.SUPPRESS)
@@ -372,7 +373,6 @@ def parse_args():
         parser.error('--images: got %r; expected comma-separated counts' % args.images)
     if any(n < 1 for n in args.images) or args.batch_size < 1 or args.repeat < 1:
         parser.error('--images, --batch-size and --repeat must be positive')
-    args.work = args.work or os.path.join(ROOT, 'results', 'onnx', 'calibration')
     return args
 
 

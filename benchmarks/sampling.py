@@ -71,14 +71,14 @@ def variant_collector(how: str):
 def measure(model: str, images: int, batch_size: int):
     import mxnet as mx
     import numpy as np
-    from calibration import base_batch, build_net, image_batches
+    from calibration import WORK, base_batch, build_net, image_batches
     from gluon_int8 import pipeline, zoo
     from gluon_int8.calibrate import collect_statistics, make_table
     from gluon_int8.collectors import HistogramCollector
 
     shape = tuple(zoo.preset(model).input_shape)
     base = base_batch(shape, batch_size)
-    saved = os.path.join(ROOT, 'results', 'onnx', 'calibration', model + '.params')
+    saved = os.path.join(WORK, model + '.params')
     if os.path.exists(saved):
         net = build_net(model, saved)
     else:
